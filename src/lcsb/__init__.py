@@ -1,0 +1,9 @@
+"""lcsb: LoRA fine-tuning in little memory, back-propagating through only some blocks each step."""
+
+from .config import LoraConfig, ModelConfig
+from .errors import UserError
+from .model import load_config, load_model
+
+__version__ = "0.1.0"
+
+__all__ = ["LoraConfig", "ModelConfig", "UserError", "load_config", "load_model"]

@@ -1,0 +1,185 @@
+"""Configuration dataclasses: the model's shape (from config.json) and the LoRA adapter.
+
+One set of defaults feeds the CLI, the YAML config and the Python API.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import UserError
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class Rope:
+    """Rotary embedding of one attention kind: inverse frequencies and the cos/sin scale."""
+
+    inv_freq: torch.Tensor                    # [head_dim / 2], float32
+    attention_scaling: float = 1.0
+
+
+@dataclass
+class ModelConfig:
+    """What the engine needs to know of a checkpoint; parsed from config.json by the family file."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    rope: dict[str, Rope]                     # layer type -> rotary embedding
+    layer_types: list[str]                    # "full_attention" | "sliding_attention" per layer
+    sliding_window: int | None = None
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    norm_offset: float = 0.0                  # Gemma norms scale by (1 + weight)
+    embed_scale: float = 1.0                  # Gemma multiplies embeddings by sqrt(hidden)
+    hidden_act: str = "silu"
+    attn_scale: float = 0.0                   # softmax scale; head_dim ** -0.5 unless set
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    bos_token_id: int | None = None
+    eos_token_id: list[int] = field(default_factory=list)
+    raw: dict = field(default_factory=dict, repr=False)   # the config.json as read
+
+    def __post_init__(self):
+        if not self.attn_scale:
+            self.attn_scale = self.head_dim ** -0.5
+
+
+@dataclass
+class LoraConfig:
+    """LoRA on the chosen projections of every block: y = W x + (alpha / rank) B A dropout(x)."""
+
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = LORA_TARGETS
+
+    def __post_init__(self):
+        self.targets = tuple(self.targets)
+        if self.rank <= 0:
+            raise UserError(f"LoRA rank must be a positive integer, got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        bad = [t for t in self.targets if t not in LORA_TARGETS]
+        if bad or not self.targets:
+            raise UserError(f"unknown LoRA target(s) {bad or '(none given)'}: choose from {', '.join(LORA_TARGETS)}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+def rope_from_params(params: dict, head_dim: int, where: str) -> Rope:
+    """Inverse frequencies for one rope parameter dict ({"rope_type", "rope_theta", ...}) as transformers computes them."""
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    base = float(params["rope_theta"])
+    dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
+    if dim != head_dim:
+        raise UserError(f"{where}: partial_rotary_factor is not supported (rotary dim {dim} != head_dim {head_dim})")
+    # float32 arithmetic in the same order as transformers, so positions far out agree bit for bit
+    inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if rope_type == "default":
+        pass
+    elif rope_type == "linear":
+        inv = inv / params["factor"]
+    elif rope_type == "llama3":
+        factor, lo, hi = params["factor"], params["low_freq_factor"], params["high_freq_factor"]
+        old = params["original_max_position_embeddings"]
+        lo_wl, hi_wl = old / lo, old / hi
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > lo_wl, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < hi_wl) * ~(wavelen > lo_wl)
+        inv = torch.where(medium, smoothed, scaled)
+    else:
+        raise UserError(
+            f"{where}: rope type {rope_type!r} is not supported (supported: default, linear, llama3); "
+            "remove the rope scaling or use a checkpoint without it"
+        )
+    return Rope(inv_freq=inv)
+
+
+class RawConfig:
+    """config.json with errors that name the file and the field."""
+
+    def __init__(self, raw: dict, where: str):
+        self.raw, self.where = raw, where
+
+    def get(self, key, default=None):
+        v = self.raw.get(key)
+        return default if v is None else v
+
+    def need(self, key, kind=int):
+        if key not in self.raw or self.raw[key] is None:
+            raise UserError(f"{self.where}: missing field {key!r}; the checkpoint's config.json must define it")
+        v = self.raw[key]
+        if kind is int and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            raise UserError(f"{self.where}: field {key!r} must be a positive integer, got {v!r}")
+        return v
+
+    def refuse(self, key, supported, why: str):
+        v = self.raw.get(key)
+        if v is not None and v not in supported:
+            raise UserError(f"{self.where}: {key}={v!r} is not supported ({why})")
+
+    def rope_params(self, default_theta: float) -> dict:
+        """One rope parameter dict from either transformers 5's rope_parameters or rope_theta/rope_scaling."""
+        params = self.raw.get("rope_parameters")
+        if params is None:
+            params = dict(self.raw.get("rope_scaling") or {})
+            params.setdefault("rope_theta", self.get("rope_theta", default_theta))
+        params = dict(params)
+        params.setdefault("rope_theta", self.get("rope_theta", default_theta))
+        params.setdefault("rope_type", params.get("type", "default"))
+        return params
+
+    def common(self, model_type: str, tie_default: bool, **extra) -> ModelConfig:
+        """The fields every family shares, with the family's overrides in `extra`."""
+        heads = self.need("num_attention_heads")
+        hidden = self.need("hidden_size")
+        head_dim = self.get("head_dim") or hidden // heads
+        n = self.need("num_hidden_layers")
+        eos = self.raw.get("eos_token_id")
+        kw = dict(
+            model_type=model_type,
+            vocab_size=self.need("vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=self.need("intermediate_size"),
+            num_layers=n,
+            num_heads=heads,
+            num_kv_heads=self.get("num_key_value_heads", heads),
+            head_dim=head_dim,
+            rms_norm_eps=float(self.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=self.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(self.get("tie_word_embeddings", tie_default)),
+            layer_types=["full_attention"] * n,
+            hidden_act=self.get("hidden_act", self.get("hidden_activation", "silu")),
+            bos_token_id=self.raw.get("bos_token_id"),
+            eos_token_id=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
+            raw=self.raw,
+            rope={},
+        )
+        kw.update(extra)
+        if kw["num_heads"] % kw["num_kv_heads"]:
+            raise UserError(f"{self.where}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads")
+        if kw["hidden_act"] not in ("silu", "gelu_pytorch_tanh", "gelu"):
+            raise UserError(f"{self.where}: hidden_act={kw['hidden_act']!r} is not supported (silu, gelu_pytorch_tanh, gelu)")
+        if not kw["rope"]:
+            kw["rope"] = {"full_attention": rope_from_params(self.rope_params(10000.0), head_dim, self.where)}
+        return ModelConfig(**kw)

@@ -1,0 +1,93 @@
+"""Model families on a shared core, checkpoint loading, the tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..config import LoraConfig, ModelConfig, RawConfig
+from ..errors import UserError
+from ..quant.formats import FORMATS, quantize
+from . import gemma3, llama, qwen2, qwen3
+from .checkpoint import Shards, read_json
+from .core import CausalLM, Embedding, KVCache, Linear, materialized
+
+FAMILIES = {"llama": llama, "mistral": llama, "qwen2": qwen2, "qwen3": qwen3, "gemma3_text": gemma3}
+
+__all__ = ["CausalLM", "KVCache", "FAMILIES", "load_config", "load_model", "materialized"]
+
+
+def load_config(path: str | Path) -> tuple[ModelConfig, object]:
+    """Parse <path>/config.json with its family's rules -> (ModelConfig, family module)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: model folder not found; pass a Hugging Face checkpoint folder with --model")
+    cfg_path = folder / "config.json"
+    if not cfg_path.exists():
+        raise UserError(f"{cfg_path} not found: a model folder needs the config.json of its Hugging Face checkpoint")
+    raw = read_json(cfg_path)
+    model_type = raw.get("model_type")
+    if model_type == "gemma3" and isinstance(raw.get("text_config"), dict):
+        raise UserError(f"{cfg_path}: model_type 'gemma3' is the multimodal Gemma 3; "
+                        "use a text-only checkpoint (model_type 'gemma3_text', e.g. gemma-3-1b)")
+    if model_type not in FAMILIES:
+        raise UserError(f"{cfg_path}: model_type {model_type!r} is not supported; supported: {', '.join(sorted(FAMILIES))}")
+    if model_type == "mistral" and raw.get("sliding_window") is not None:
+        raise UserError(f"{cfg_path}: Mistral with a sliding window is not supported; set sliding_window to null "
+                        "if the model does not rely on it")
+    family = FAMILIES[model_type]
+    return family.parse_config(RawConfig(raw, str(cfg_path))), family
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, quant: str | None = None,
+               group_size: int = 64, lora: LoraConfig | None = None, adapter: str | Path | None = None) -> CausalLM:
+    """Load a Hugging Face checkpoint folder (or an `lcsb convert` folder).
+
+    Args:
+        path: folder with config.json and model*.safetensors (sharded or not).
+        dtype: float type of dense weights and of the computation.
+        quant: compress base weights on load, one tensor at a time: "int8", "int4", "nf4" or None.
+        group_size: group size of int4 / nf4.
+        lora: add fresh LoRA adapters with this configuration.
+        adapter: load a PEFT adapter folder (adapter_config.json + adapter_model.safetensors).
+    """
+    folder = Path(path)
+    cfg, family = load_config(folder)
+    if quant is not None and quant not in FORMATS:
+        raise UserError(f"unknown quantization {quant!r}: choose one of {', '.join(FORMATS)}")
+    stored = cfg.raw.get("quantization")
+    with torch.device("meta"):
+        model = CausalLM(cfg, family.Block)
+    model.dtype = dtype
+    if stored:
+        from ..quant.store import fill_from_store   # a folder written by `lcsb convert`
+        fill_from_store(model, folder, stored)
+    else:
+        _fill_from_checkpoint(model, Shards(folder), dtype, quant, group_size)
+    model.quant = stored["format"] if stored else quant
+    if adapter is not None:
+        from ..lora import load_adapter
+        load_adapter(model, adapter)
+    elif lora is not None:
+        from ..lora import add_lora
+        add_lora(model, lora)
+    model.eval()
+    model.requires_grad_(False)
+    for p in model.lora_parameters().values():
+        p.requires_grad_(True)
+    return model
+
+
+def _fill_from_checkpoint(model: CausalLM, shards: Shards, dtype, quant, group_size):
+    for name, module in model.named_modules():
+        if isinstance(module, (Linear, Embedding)):
+            # one tensor at a time: read, compress, drop the float original
+            module.weight = quantize(shards.get(f"{name}.weight").to(dtype), quant, group_size)
+    for name, p in list(model.named_parameters()):
+        mod_name, _, attr = name.rpartition(".")
+        mod = model.get_submodule(mod_name)
+        t = shards.get(name).to(dtype)
+        mod._parameters[attr] = torch.nn.Parameter(t, requires_grad=False)
+    if model.lm_head is None and "lm_head.weight" in shards and "model.embed_tokens.weight" not in shards:
+        raise UserError(f"{shards.folder}: tie_word_embeddings is set but the checkpoint has only lm_head.weight")

@@ -1,0 +1,308 @@
+"""The shared core every family is built on: the Linear over a (compressed) weight with optional
+LoRA, RMSNorm, rotary embedding, attention, the MLP, the KV cache and the causal LM shell.
+
+Parameter names follow Hugging Face (`model.layers.3.self_attn.q_proj`), so checkpoints load by
+name and LoRA parameters get PEFT's keys by prefixing `base_model.model.`.
+
+Base weights are `quant.Weight` objects, not Parameters: they never take gradients and may be
+compressed. A Linear decompresses its weight on every call unless its block is `materialized`,
+in which case every Linear of the block reuses one float copy until the context exits; the
+executor uses this to decompress a block once for both its recompute and its backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import LoraConfig, ModelConfig
+from ..quant.formats import Weight
+
+
+class _CompressedLinearFn(torch.autograd.Function):
+    """y = x W^T with W decompressed again in backward: autograd keeps the packed weight only."""
+
+    @staticmethod
+    def forward(ctx, x, weight: Weight):
+        ctx.weight = weight
+        return F.linear(x, weight.dequantize(x.dtype))
+
+    @staticmethod
+    def backward(ctx, gy):
+        return gy @ ctx.weight.dequantize(gy.dtype), None
+
+
+class Linear(nn.Module):
+    """A base projection: weight in any `quant.Weight` format, float bias, optional LoRA."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight: Weight | None = None          # set by the loader
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        self.lora_A = self.lora_B = None            # LoRA factors, PEFT's names and shapes
+        self.cached: torch.Tensor | None = None    # float weight while the block is materialized
+
+    def add_lora(self, cfg: LoraConfig):
+        """y += (alpha / r) B A dropout(x), A [r, in] kaiming-uniform and B [out, r] zero as in PEFT."""
+        self.lora_A = nn.Linear(self.in_features, cfg.rank, bias=False)
+        self.lora_B = nn.Linear(cfg.rank, self.out_features, bias=False)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.lora_dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.scaling = cfg.scaling
+
+    def forward(self, x):
+        if self.cached is not None:
+            y = F.linear(x, self.cached, self.bias)
+        else:
+            if torch.is_grad_enabled() and x.requires_grad:
+                y = _CompressedLinearFn.apply(x, self.weight)
+            else:
+                y = F.linear(x, self.weight.dequantize(x.dtype))
+            if self.bias is not None:
+                y = y + self.bias
+        if self.lora_A is not None:
+            y = y + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        return y
+
+    def _apply(self, fn, recurse=True):
+        if self.weight is not None:
+            self.weight = self.weight.map(fn)
+        return super()._apply(fn, recurse)
+
+
+@contextlib.contextmanager
+def materialized(module: nn.Module, dtype: torch.dtype = torch.float32):
+    """Decompress every base weight under `module` once; reuse the float copies until exit, then
+    drop them and let file-backed storage release its pages."""
+    linears = [m for m in module.modules() if isinstance(m, Linear)]
+    try:
+        for m in linears:
+            m.cached = m.weight.dequantize(dtype)
+        yield
+    finally:
+        for m in linears:
+            m.cached = None
+            m.weight.release()
+
+
+class Embedding(nn.Module):
+    def __init__(self, num: int, dim: int, scale: float = 1.0):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num, dim
+        self.weight: Weight | None = None
+        self.scale = scale
+
+    def forward(self, ids, dtype=torch.float32):
+        x = self.weight.rows(ids, dtype)
+        if self.scale != 1.0:
+            # Gemma scales in the weight dtype, as a tensor: keep the same rounding
+            x = x * torch.tensor(self.scale, dtype=dtype)
+        return x
+
+    def _apply(self, fn, recurse=True):
+        if self.weight is not None:
+            self.weight = self.weight.map(fn)
+        return super()._apply(fn, recurse)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * (offset + weight), computed in float32; Gemma uses offset 1."""
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+        self.eps, self.offset = eps, offset
+
+    def forward(self, x):
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * (self.offset + self.weight.float())).to(x.dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(q, k, cos, sin):
+    # q, k: [B, H, S, D]; cos, sin: [S, D]
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+@dataclass
+class Context:
+    """Per-forward data shared by all blocks: rotary tables and masks by layer type."""
+
+    rope: dict[str, tuple[torch.Tensor, torch.Tensor]]      # layer type -> (cos, sin) [S, D]
+    masks: dict[str, torch.Tensor | None]                   # layer type -> bool [S, T] or None = causal
+
+
+def make_context(cfg: ModelConfig, start: int, length: int, device, dtype) -> Context:
+    """Rotary tables and attention masks for query positions start..start+length-1."""
+    pos = torch.arange(start, start + length, device=device)
+    rope, masks = {}, {}
+    for kind in set(cfg.layer_types):
+        r = cfg.rope[kind]
+        freqs = pos[:, None].float() * r.inv_freq.to(device)[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        rope[kind] = ((emb.cos() * r.attention_scaling).to(dtype), (emb.sin() * r.attention_scaling).to(dtype))
+        window = cfg.sliding_window if kind == "sliding_attention" else None
+        if start == 0 and (window is None or window >= length):
+            masks[kind] = None                              # plain causal: SDPA's fast path
+        else:
+            kpos = torch.arange(0, start + length, device=device)
+            allowed = kpos[None, :] <= pos[:, None]
+            if window is not None:
+                allowed &= pos[:, None] - kpos[None, :] < window
+            masks[kind] = allowed
+    return Context(rope, masks)
+
+
+class KVCache:
+    """Keys and values of every layer so far, for generation."""
+
+    def __init__(self, num_layers: int):
+        self.k: list[torch.Tensor | None] = [None] * num_layers
+        self.v: list[torch.Tensor | None] = [None] * num_layers
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k[0] is None else self.k[0].shape[2]
+
+    def update(self, layer: int, k, v):
+        if self.k[layer] is not None:
+            k = torch.cat((self.k[layer], k), dim=2)
+            v = torch.cat((self.v[layer], v), dim=2)
+        self.k[layer], self.v[layer] = k, v
+        return k, v
+
+
+def attention(q, k, v, mask, scale: float, softcap: float | None):
+    # q: [B, H, S, D]; k, v: [B, KV, T, D]; mask: bool [S, T] or None for causal
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    if softcap is None:
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    s = (q @ k.transpose(-1, -2)) * scale
+    s = torch.tanh(s / softcap) * softcap
+    if mask is None:
+        mask = torch.ones(s.shape[-2], s.shape[-1], dtype=torch.bool, device=s.device).tril(s.shape[-1] - s.shape[-2])
+    s = s.masked_fill(~mask, float("-inf"))
+    return torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        h, d, kv = cfg.num_heads, cfg.head_dim, cfg.num_kv_heads
+        self.layer_idx, self.layer_type = layer_idx, cfg.layer_types[layer_idx]
+        self.heads, self.kv_heads, self.head_dim = h, kv, d
+        self.scale, self.softcap = cfg.attn_scale, cfg.attn_softcap
+        self.q_proj = Linear(cfg.hidden_size, h * d, cfg.qkv_bias)
+        self.k_proj = Linear(cfg.hidden_size, kv * d, cfg.qkv_bias)
+        self.v_proj = Linear(cfg.hidden_size, kv * d, cfg.qkv_bias)
+        self.o_proj = Linear(h * d, cfg.hidden_size, cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.norm_offset)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.norm_offset)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x, ctx: Context, cache: KVCache | None = None):
+        B, S, _ = x.shape                                    # x: [B, S, hidden]
+        q = self.q_proj(x).view(B, S, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, S, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, S, self.kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = ctx.rope[self.layer_type]
+        q, k = apply_rope(q, k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        o = attention(q, k, v, ctx.masks[self.layer_type], self.scale, self.softcap)
+        return self.o_proj(o.transpose(1, 2).reshape(B, S, self.heads * self.head_dim))
+
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+}
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias)
+        self.act = ACTIVATIONS[cfg.hidden_act]
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig, block_cls):
+        super().__init__()
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, cfg.embed_scale)
+        self.layers = nn.ModuleList(block_cls(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
+
+
+class CausalLM(nn.Module):
+    """Embedding, blocks, final norm and LM head; every family plugs in its own block class.
+
+    A block is `block(h, ctx, cache=None) -> h`; the engine relies on nothing else.
+    """
+
+    def __init__(self, cfg: ModelConfig, block_cls):
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg, block_cls)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, False)
+        self.dtype = torch.float32
+
+    @property
+    def layers(self):
+        return self.model.layers
+
+    def head_weight(self) -> Weight:
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def embed(self, ids):
+        return self.model.embed_tokens(ids, self.dtype)
+
+    def context(self, start: int, length: int, device=None) -> Context:
+        return make_context(self.config, start, length, device or torch.device("cpu"), self.dtype)
+
+    def logits(self, h):
+        """Final norm and LM head over hidden states h [B, S, hidden] -> float32 logits [B, S, V]."""
+        w = self.head_weight().dequantize(h.dtype)
+        out = F.linear(self.model.norm(h), w).float()
+        if self.config.final_softcap is not None:
+            out = torch.tanh(out / self.config.final_softcap) * self.config.final_softcap
+        return out
+
+    def forward(self, input_ids, cache: KVCache | None = None):
+        start = cache.length if cache is not None else 0
+        h = self.embed(input_ids)
+        ctx = self.context(start, input_ids.shape[1], input_ids.device)
+        for block in self.model.layers:
+            h = block(h, ctx, cache)
+        return self.logits(h)
+
+    def lora_parameters(self) -> dict[str, nn.Parameter]:
+        """LoRA parameters by PEFT key (base_model.model.<name>)."""
+        return {f"base_model.model.{n}": p for n, p in self.named_parameters() if ".lora_" in n}

@@ -1,0 +1,231 @@
+"""Weight formats for base Linear layers and the embedding: dense float, int8, int4, NF4.
+
+Every format holds a [out, in] matrix and gives it back as float with `dequantize()`; the
+embedding gathers rows with `rows(ids)` without decompressing the whole table.
+
+- `int8`: symmetric per output channel, w = q * scale, q in [-127, 127]. 8 + 32/in bits.
+- `int4`: group-wise affine along the input dimension, w = q * scale + bias, q in [0, 15], two
+  values per byte, low nibble first. Byte for byte this is MLX's layout (MLX packs eight nibbles
+  into a little-endian uint32, low nibble first; the uint8 view of that is ours), scales and biases
+  [out, in / group]. 4 + 64/group bits.
+- `nf4`: QLoRA's 4-bit NormalFloat: the 16 quantiles of N(0, 1) scaled to [-1, 1], group-wise
+  absmax, w = code[q] * absmax. 4 + 32/group bits.
+
+`dequantize()` bumps `STATS["dequantize"]` so tests can count decompressions.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..errors import UserError
+
+STATS = {"dequantize": 0}
+
+# The NF4 code book as published with QLoRA (bitsandbytes' create_normal_map, offset 0.9677).
+NF4_CODE = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+], dtype=torch.float32)
+
+
+class Weight:
+    """A [out, in] matrix in some storage format."""
+
+    fmt = ""
+    group_size = 0
+
+    def __init__(self, shape: tuple[int, int]):
+        self.shape = tuple(shape)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        STATS["dequantize"] += 1
+        return self._dequantize(dtype)
+
+    def _dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        raise NotImplementedError
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Dequantized rows `ids` (any shape) -> [*ids.shape, in]."""
+        raise NotImplementedError
+
+    def release(self) -> None:
+        """Drop whatever the weight keeps resident beyond its storage (file-backed pages); a no-op in RAM."""
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Storage tensors by suffix ("weight", "scales", ...), as written to safetensors."""
+        raise NotImplementedError
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Weight":
+        """The same weight with `fn` applied to every storage tensor (device moves)."""
+        return weight_from_tensors(self.fmt, {k: fn(v) for k, v in self.tensors().items()}, self.shape, self.group_size)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    @property
+    def bits_per_param(self) -> float:
+        return 8.0 * self.nbytes / (self.shape[0] * self.shape[1])
+
+    def __repr__(self):
+        return f"{type(self).__name__}{self.shape}"
+
+
+class Dense(Weight):
+    fmt = "dense"
+
+    def __init__(self, w: torch.Tensor):
+        super().__init__(w.shape)
+        self.w = w
+
+    def _dequantize(self, dtype):
+        return self.w.to(dtype)
+
+    def rows(self, ids, dtype=torch.float32):
+        return self.w[ids].to(dtype)
+
+    def tensors(self):
+        return {"weight": self.w}
+
+
+class Int8(Weight):
+    fmt = "int8"
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor):
+        super().__init__(q.shape)
+        self.q, self.scale = q, scale               # int8 [out, in], float32 [out]
+
+    @classmethod
+    def quantize(cls, w: torch.Tensor) -> "Int8":
+        w = w.float()
+        scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+        q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+        return cls(q, scale)
+
+    def _dequantize(self, dtype):
+        return (self.q.to(dtype) * self.scale[:, None].to(dtype))
+
+    def rows(self, ids, dtype=torch.float32):
+        return self.q[ids].to(dtype) * self.scale[ids][..., None].to(dtype)
+
+    def tensors(self):
+        return {"weight": self.q, "scales": self.scale}
+
+
+def _pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """[out, in] values 0..15 -> [out, in/2] uint8, element 2k in the low nibble."""
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def _unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
+    """[..., in/2] uint8 -> [..., in] uint8 values 0..15."""
+    return torch.stack((p & 0x0F, p >> 4), dim=-1).flatten(-2)
+
+
+def _check_groups(shape, group_size: int, fmt: str):
+    if shape[1] % group_size:
+        raise UserError(f"{fmt}: input dimension {shape[1]} is not a multiple of the group size {group_size}; "
+                        "choose a --group-size that divides it (32, 64 or 128)")
+
+
+class Int4(Weight):
+    fmt = "int4"
+
+    def __init__(self, packed: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, group_size: int):
+        super().__init__((packed.shape[0], packed.shape[1] * 2))
+        self.packed, self.scales, self.biases = packed, scales, biases   # uint8 [o, i/2], f32 [o, i/g] x2
+        self.group_size = group_size
+
+    @classmethod
+    def quantize(cls, w: torch.Tensor, group_size: int = 64) -> "Int4":
+        _check_groups(w.shape, group_size, "int4")
+        out, inp = w.shape
+        g = w.float().reshape(out, inp // group_size, group_size)
+        lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+        scale = ((hi - lo) / 15.0).clamp_min(1e-12)
+        q = torch.round((g - lo[..., None]) / scale[..., None]).clamp_(0, 15).reshape(out, inp)
+        return cls(_pack_nibbles(q), scale, lo, group_size)
+
+    def _groups(self, packed, scales, biases, dtype):
+        q = _unpack_nibbles(packed).to(dtype)
+        q = q.unflatten(-1, (-1, self.group_size))
+        return (q * scales[..., None].to(dtype) + biases[..., None].to(dtype)).flatten(-2)
+
+    def _dequantize(self, dtype):
+        return self._groups(self.packed, self.scales, self.biases, dtype)
+
+    def rows(self, ids, dtype=torch.float32):
+        return self._groups(self.packed[ids], self.scales[ids], self.biases[ids], dtype)
+
+    def tensors(self):
+        return {"weight": self.packed, "scales": self.scales, "biases": self.biases}
+
+
+class NF4(Weight):
+    fmt = "nf4"
+
+    def __init__(self, packed: torch.Tensor, absmax: torch.Tensor, group_size: int):
+        super().__init__((packed.shape[0], packed.shape[1] * 2))
+        self.packed, self.absmax = packed, absmax                         # uint8 [o, i/2], f32 [o, i/g]
+        self.group_size = group_size
+
+    @classmethod
+    def quantize(cls, w: torch.Tensor, group_size: int = 64) -> "NF4":
+        _check_groups(w.shape, group_size, "nf4")
+        out, inp = w.shape
+        g = w.float().reshape(out, inp // group_size, group_size)
+        absmax = g.abs().amax(dim=-1).clamp_min(1e-12)
+        x = (g / absmax[..., None]).reshape(out, inp)
+        # nearest code: the code book is sorted, so compare with the midpoints between neighbours
+        mids = (NF4_CODE[1:] + NF4_CODE[:-1]) / 2
+        q = torch.bucketize(x, mids)
+        return cls(_pack_nibbles(q), absmax, group_size)
+
+    def _groups(self, packed, absmax, dtype):
+        q = _unpack_nibbles(packed).long()
+        v = NF4_CODE.to(device=packed.device, dtype=dtype)[q].unflatten(-1, (-1, self.group_size))
+        return (v * absmax[..., None].to(dtype)).flatten(-2)
+
+    def _dequantize(self, dtype):
+        return self._groups(self.packed, self.absmax, dtype)
+
+    def rows(self, ids, dtype=torch.float32):
+        return self._groups(self.packed[ids], self.absmax[ids], dtype)
+
+    def tensors(self):
+        return {"weight": self.packed, "absmax": self.absmax}
+
+
+FORMATS = ("int8", "int4", "nf4")
+
+
+def quantize(w: torch.Tensor, fmt: str | None, group_size: int = 64) -> Weight:
+    """Compress a float [out, in] matrix; fmt None keeps it dense."""
+    if fmt is None or fmt == "dense":
+        return Dense(w)
+    if fmt == "int8":
+        return Int8.quantize(w)
+    if fmt == "int4":
+        return Int4.quantize(w, group_size)
+    if fmt == "nf4":
+        return NF4.quantize(w, group_size)
+    raise UserError(f"unknown quantization {fmt!r}: choose one of {', '.join(FORMATS)}")
+
+
+def weight_from_tensors(fmt: str, t: dict[str, torch.Tensor], shape, group_size: int = 0) -> Weight:
+    """Rebuild a Weight from its storage tensors (the inverse of `Weight.tensors()`)."""
+    if fmt == "dense":
+        return Dense(t["weight"])
+    if fmt == "int8":
+        return Int8(t["weight"], t["scales"])
+    if fmt == "int4":
+        return Int4(t["weight"], t["scales"], t["biases"], group_size)
+    if fmt == "nf4":
+        return NF4(t["weight"], t["absmax"], group_size)
+    raise UserError(f"unknown weight format {fmt!r}: expected dense, {', '.join(FORMATS)}")
