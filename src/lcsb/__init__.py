@@ -7,3 +7,8 @@ from .model import load_config, load_model
 __version__ = "0.1.0"
 
 __all__ = ["LoraConfig", "ModelConfig", "UserError", "load_config", "load_model"]
+
+from .engine import lora_gradients  # noqa: E402
+from .lora import load_adapter, save_adapter  # noqa: E402
+
+__all__ += ["lora_gradients", "load_adapter", "save_adapter"]

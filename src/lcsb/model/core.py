@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -78,13 +79,17 @@ class Linear(nn.Module):
 
 
 @contextlib.contextmanager
-def materialized(module: nn.Module, dtype: torch.dtype = torch.float32):
+def materialized(module: nn.Module, dtype: torch.dtype = torch.float32, timings: dict | None = None):
     """Decompress every base weight under `module` once; reuse the float copies until exit, then
-    drop them and let file-backed storage release its pages."""
+    drop them and let file-backed storage release its pages. Adds the time spent to
+    timings["decompress"] when given."""
     linears = [m for m in module.modules() if isinstance(m, Linear)]
     try:
+        t0 = time.perf_counter()
         for m in linears:
             m.cached = m.weight.dequantize(dtype)
+        if timings is not None:
+            timings["decompress"] = timings.get("decompress", 0.0) + time.perf_counter() - t0
         yield
     finally:
         for m in linears:

@@ -1,0 +1,234 @@
+"""The training step: MeBP's block-wise checkpointing with LCSB's per-block roles.
+
+Design note
+-----------
+Each block has a role this step: `train` (LoRA gradients wanted), `through` (no LoRA gradients,
+but the gradient must flow exactly to blocks below) or `skip` (gradient passes by the residual
+identity: g_l = g_{l+1}). Let `low` be the lowest `train` block; the backward visits exactly the
+blocks l >= low whose role is not `skip`, and nothing below `low`.
+
+Forward (no autograd anywhere): embed; for each block, if the backward will visit it save its
+input h_l (in RAM, or in a memory-mapped file with activations="disk"), then decompress the
+block's weights once, run it, drop the weights. Only block-boundary tensors are kept: no
+activation inside a block survives its forward.
+
+Head: final norm, LM head and masked cross-entropy for the counted positions only (labels shifted
+inside, -100 ignored). The vocabulary is walked in chunks with an online softmax, so the
+[tokens x vocab] logits never exist and the head weight is decompressed one chunk at a time and
+only once: each chunk adds its share of the loss normaliser and of softmax @ W to running sums
+(rescaled when the running max moves, as in flash attention). That yields the loss and
+g_N = dL/dh_N in one pass.
+
+Backward, l = N-1 down to low: `skip` leaves g alone (no recompute, no decompression); `train` and
+`through` decompress the block once and reuse that copy for the recompute under autograd and its
+VJP: g_l = g_{l+1} + J_l^T g_{l+1}, plus the LoRA gradients for `train`. LoRA dropout masks are
+replayed by restoring the RNG state saved before the block's forward. The lowest block needs no
+input gradient, so none is asked for.
+
+With every block `train` the gradients are exactly those of plain autograd on the same
+(dequantized) model; the loss is the same in every mode because the forward never changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import UserError
+from ..model.core import CausalLM, Linear, materialized
+
+ROLES = ("train", "through", "skip")
+VOCAB_CHUNK = 8192
+
+
+@dataclass
+class StepResult:
+    loss: float                      # mean over counted tokens
+    tokens: int                      # counted (label != -100) tokens
+    visited: list[int]               # blocks the backward recomputed
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class _Checkpoints:
+    """Block-input checkpoints of one step, in RAM or in a memory-mapped scratch file."""
+
+    def __init__(self, mode: str, count: int, shape, dtype):
+        self.mode, self.slots = mode, {}
+        self.file = None
+        if mode == "disk" and count:
+            numel = int(torch.Size(shape).numel())
+            fd, self.path = tempfile.mkstemp(prefix="lcsb-act-", suffix=".bin")
+            os.close(fd)
+            # MAP_SHARED file: pages are written back to disk and can leave RAM under pressure
+            self.file = torch.from_file(self.path, shared=True, size=count * numel, dtype=dtype).view(count, *shape)
+            os.unlink(self.path)   # the mapping keeps the data alive; nothing is left behind on a crash
+        elif mode not in ("ram", "disk"):
+            raise UserError(f"activations must be 'ram' or 'disk', got {mode!r}")
+
+    def put(self, layer: int, h: torch.Tensor):
+        if self.file is None:
+            self.slots[layer] = h
+        else:
+            i = len(self.slots)
+            self.file[i].copy_(h)
+            self.slots[layer] = i
+
+    def get(self, layer: int) -> torch.Tensor:
+        s = self.slots.pop(layer)
+        return s if self.file is None else self.file[s].clone()
+
+
+def validate_roles(roles, n: int) -> list[str]:
+    roles = list(roles)
+    if len(roles) != n or any(r not in ROLES for r in roles):
+        raise ValueError(f"roles must be a list of {n} values from {ROLES}, got {roles}")
+    return roles
+
+
+def block_lora_params(block) -> list[torch.nn.Parameter]:
+    return [p for n, p in block.named_parameters() if ".lora_" in n or n.startswith("lora_")]
+
+
+def _has_dropout(block) -> bool:
+    return any(isinstance(m, Linear) and m.lora_A is not None and m.lora_dropout.__class__.__name__ == "Dropout"
+               for m in block.modules())
+
+
+def head_loss_and_grad(model: CausalLM, hn: torch.Tensor, targets: torch.Tensor, chunk: int = VOCAB_CHUNK):
+    """Cross-entropy summed over rows of hn [T, H] with targets [T], and d(sum)/d(hn), in one pass
+    over vocabulary chunks (online softmax). Returns (loss_sum, grad_hn [T, H])."""
+    W = model.head_weight()
+    V = W.shape[0]
+    cap = model.config.final_softcap
+    T = hn.shape[0]
+    m = torch.full((T,), float("-inf"), dtype=torch.float32)
+    s = torch.zeros(T, dtype=torch.float32)
+    acc = torch.zeros_like(hn, dtype=torch.float32)
+    for lo in range(0, V, chunk):
+        ids = torch.arange(lo, min(lo + chunk, V))
+        Wj = W.rows(ids, hn.dtype)                                  # [c, H], decompressed once
+        z = (hn @ Wj.T).float()                                     # [T, c]
+        if cap is not None:
+            t = torch.tanh(z / cap)
+            z, dz = t * cap, 1 - t * t                              # capped logits and their slope
+        new_m = torch.maximum(m, z.amax(dim=1))
+        rescale = torch.exp(m - new_m)
+        e = torch.exp(z - new_m[:, None])
+        if cap is not None:
+            e_w = e * dz
+        else:
+            e_w = e
+        acc = acc * rescale[:, None] + (e_w.to(hn.dtype) @ Wj).float()
+        s = s * rescale + e.sum(dim=1)
+        m = new_m
+    lse = m + torch.log(s)
+    Wt = W.rows(targets, hn.dtype)                                  # [T, H] rows of the targets
+    zt = (hn * Wt).sum(-1).float()
+    if cap is not None:
+        tt = torch.tanh(zt / cap)
+        zt, dzt = tt * cap, 1 - tt * tt
+        Wt = Wt * dzt[:, None].to(hn.dtype)
+    loss_sum = (lse - zt).sum()
+    grad = acc / s[:, None] - Wt.float()
+    return loss_sum, grad.to(hn.dtype)
+
+
+def run_step(model: CausalLM, input_ids: torch.Tensor, labels: torch.Tensor, roles, activations: str = "ram",
+             loss_scale: float = 1.0) -> StepResult:
+    """One forward and selective backward. LoRA gradients of `train` blocks are *accumulated* into
+    `.grad` (scaled by loss_scale, for gradient accumulation); returns the unscaled mean loss."""
+    layers = model.model.layers
+    n = len(layers)
+    roles = validate_roles(roles, n)
+    trained = [i for i, r in enumerate(roles) if r == "train"]
+    low = trained[0] if trained else n
+    visit = [i for i in range(low, n) if roles[i] != "skip"]
+    visit_set = set(visit)
+    timings = dict(forward=0.0, head=0.0, backward=0.0, decompress=0.0)
+    B, S = input_ids.shape
+    dev = input_ids.device
+
+    # labels are aligned with input_ids; position t predicts labels[t + 1]
+    shifted = torch.full_like(labels, -100)
+    shifted[:, :-1] = labels[:, 1:]
+    counted = shifted != -100
+    n_tokens = int(counted.sum())
+    if n_tokens == 0:
+        raise UserError("a batch has no tokens to learn from (every label is -100); check the loss masking of the data")
+
+    t0 = time.perf_counter()
+    ckpt = _Checkpoints(activations, len(visit), (B, S, model.config.hidden_size), model.dtype)
+    rng_states = {}
+    with torch.no_grad():
+        h = model.embed(input_ids)
+        ctx = model.context(0, S, dev)
+        for i, block in enumerate(layers):
+            if i in visit_set:
+                ckpt.put(i, h)
+                if _has_dropout(block):
+                    rng_states[i] = torch.get_rng_state()
+            with materialized(block, model.dtype, timings):
+                h = block(h, ctx)
+    t1 = time.perf_counter()
+    timings["forward"] = t1 - t0
+
+    # head: loss and dL/dh_N over the counted positions only
+    h = h.detach().requires_grad_(bool(visit))
+    with torch.enable_grad():
+        hn = model.model.norm(h)[counted]                        # [T, H]
+    loss_sum, g_hn = head_loss_and_grad(model, hn.detach(), shifted[counted])
+    loss = loss_sum.item() / n_tokens
+    g = None
+    if visit:
+        g_hn = g_hn * (loss_scale / n_tokens)
+        (g,) = torch.autograd.grad(hn, h, g_hn)
+    del hn, h
+    t2 = time.perf_counter()
+    timings["head"] = t2 - t1
+
+    for i in reversed(visit):
+        block = layers[i]
+        x = ckpt.get(i)
+        params = block_lora_params(block) if roles[i] == "train" else []
+        need_input_grad = i > low
+        x.requires_grad_(need_input_grad)
+        fork = torch.random.fork_rng(devices=[]) if i in rng_states else contextlib.nullcontext()
+        with fork, materialized(block, model.dtype, timings), torch.enable_grad():
+            if i in rng_states:
+                torch.set_rng_state(rng_states[i])
+            out = block(x, ctx)
+            inputs = ([x] if need_input_grad else []) + params
+            grads = torch.autograd.grad(out, inputs, g)
+        if need_input_grad:
+            g, grads = grads[0], grads[1:]
+        for p, gp in zip(params, grads):
+            p.grad = gp if p.grad is None else p.grad.add_(gp)
+        del out, x
+    timings["backward"] = time.perf_counter() - t2
+    return StepResult(loss=loss, tokens=n_tokens, visited=visit, timings=timings)
+
+
+def lora_gradients(model: CausalLM, input_ids: torch.Tensor, labels: torch.Tensor, roles,
+                   activations: str = "ram") -> tuple[float, dict[str, torch.Tensor]]:
+    """Loss and LoRA gradients of one batch under `roles` (one of train/through/skip per block).
+
+    Returns (mean loss over counted tokens, {PEFT key: gradient}) for the LoRA parameters of the
+    `train` blocks. `.grad` of the model's parameters is left untouched.
+    """
+    params = model.lora_parameters()
+    saved = {k: p.grad for k, p in params.items()}
+    for p in params.values():
+        p.grad = None
+    try:
+        res = run_step(model, input_ids, labels, roles, activations)
+        grads = {k: p.grad.clone() for k, p in params.items() if p.grad is not None}
+    finally:
+        for k, p in params.items():
+            p.grad = saved[k]
+    return res.loss, grads
