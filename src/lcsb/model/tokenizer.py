@@ -203,12 +203,9 @@ class Tokenizer:
         return ids, mask
 
     def _assistant_span(self, messages: Sequence[Message], i: int, full: str, **kwargs: Any) -> tuple[int, int]:
-        try:
-            before: str | None = self._render(messages[:i], True, **kwargs)
-        except UserError:  # some templates refuse a conversation that does not start with a user turn
-            before = None
-        after = self._render(messages[: i + 1], False, **kwargs)
-        if before is not None and after.startswith(before) and full.startswith(after):
+        before = self._try_render(messages[:i], True, **kwargs)
+        after = self._try_render(messages[: i + 1], False, **kwargs)
+        if before is not None and after is not None and after.startswith(before) and full.startswith(after):
             return len(before), len(after)
         # Fallback: find the content after the generation prompt, then take the end-of-turn text that follows
         # the content in `after` if the full rendering has it there too.
@@ -218,10 +215,17 @@ class Tokenizer:
         if found < 0:
             raise UserError(f"{self.source}: cannot locate assistant message {i} in the chat the template renders")
         end = found + len(content)
-        tail = after[after.rfind(content) + len(content) :]
+        tail = after[after.rfind(content) + len(content) :] if after and content in after else ""
         if tail and full.startswith(tail, end):
             end += len(tail)
         return (found if prompt_end is None else prompt_end), end
+
+    def _try_render(self, messages: Sequence[Message], add_generation_prompt: bool, **kwargs: Any) -> str | None:
+        # Some templates refuse a partial conversation (e.g. one that does not start with a user turn).
+        try:
+            return self._render(messages, add_generation_prompt, **kwargs)
+        except UserError:
+            return None
 
     @cached_property
     def _offsets_backend(self) -> tokenizers.Tokenizer:
@@ -324,7 +328,7 @@ def _special_tokens(config: dict[str, Any]) -> dict[str, str]:
         if (token := _token_str(config.get(name))) is not None:
             tokens[name] = token
     for name, value in config.items():
-        if name.endswith("_token") and name not in tokens and name not in _SPECIAL_TOKEN_NAMES and isinstance(value, str):
+        if name.endswith("_token") and name not in _SPECIAL_TOKEN_NAMES and isinstance(value, str):
             tokens[name] = value
     extra = config.get("extra_special_tokens")
     if isinstance(extra, dict):
@@ -416,7 +420,9 @@ def _raise_exception(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
 
-def _tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False) -> str:
+def _tojson(
+    x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False
+) -> str:
     # Jinja's own tojson escapes HTML characters, which chat templates do not want.
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
