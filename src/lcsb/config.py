@@ -6,7 +6,7 @@ One set of defaults feeds the CLI, the YAML config and the Python API.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -87,7 +87,14 @@ class LoraConfig:
 def rope_from_params(params: dict, head_dim: int, where: str) -> Rope:
     """Inverse frequencies for one rope parameter dict ({"rope_type", "rope_theta", ...}) as transformers computes them."""
     rope_type = params.get("rope_type", params.get("type", "default"))
-    base = float(params["rope_theta"])
+
+    def need(key):
+        if params.get(key) is None:
+            raise UserError(f"{where}: rope type {rope_type!r} needs {key!r} in rope_parameters (or rope_scaling); "
+                            "restore it from the original checkpoint's config.json")
+        return params[key]
+
+    base = float(need("rope_theta"))
     dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
     if dim != head_dim:
         raise UserError(f"{where}: partial_rotary_factor is not supported (rotary dim {dim} != head_dim {head_dim})")
@@ -96,10 +103,10 @@ def rope_from_params(params: dict, head_dim: int, where: str) -> Rope:
     if rope_type == "default":
         pass
     elif rope_type == "linear":
-        inv = inv / params["factor"]
+        inv = inv / need("factor")
     elif rope_type == "llama3":
-        factor, lo, hi = params["factor"], params["low_freq_factor"], params["high_freq_factor"]
-        old = params["original_max_position_embeddings"]
+        factor, lo, hi = need("factor"), need("low_freq_factor"), need("high_freq_factor")
+        old = need("original_max_position_embeddings")
         lo_wl, hi_wl = old / lo, old / hi
         wavelen = 2 * math.pi / inv
         scaled = torch.where(wavelen > lo_wl, inv / factor, inv)
@@ -139,14 +146,26 @@ class RawConfig:
             raise UserError(f"{self.where}: {key}={v!r} is not supported ({why})")
 
     def rope_params(self, default_theta: float) -> dict:
-        """One rope parameter dict from either transformers 5's rope_parameters or rope_theta/rope_scaling."""
-        params = self.raw.get("rope_parameters")
-        if params is None:
-            params = dict(self.raw.get("rope_scaling") or {})
-            params.setdefault("rope_theta", self.get("rope_theta", default_theta))
+        """One rope parameter dict from either transformers 5's rope_parameters or rope_theta/rope_scaling.
+
+        Same precedence and defaults as transformers (`convert_rope_params_to_dict`,
+        `standardize_rope_params`): a non-empty rope_scaling wins over rope_parameters; top-level
+        rope_theta / partial_rotary_factor fill what the dict lacks; llama3 takes its
+        original_max_position_embeddings from the top level, else from max_position_embeddings.
+        """
+        params = self.raw.get("rope_scaling") or self.raw.get("rope_parameters") or {}
+        if not isinstance(params, dict):
+            raise UserError(f"{self.where}: rope_parameters / rope_scaling must be a JSON object, got {params!r}")
         params = dict(params)
         params.setdefault("rope_theta", self.get("rope_theta", default_theta))
+        if self.raw.get("partial_rotary_factor") is not None:
+            params.setdefault("partial_rotary_factor", self.raw["partial_rotary_factor"])
         params.setdefault("rope_type", params.get("type", "default"))
+        if params["rope_type"] in ("llama3", "yarn", "longrope"):
+            if self.raw.get("original_max_position_embeddings") is not None:
+                params["original_max_position_embeddings"] = self.raw["original_max_position_embeddings"]
+            else:
+                params.setdefault("original_max_position_embeddings", self.raw.get("max_position_embeddings"))
         return params
 
     def common(self, model_type: str, tie_default: bool, **extra) -> ModelConfig:
@@ -183,3 +202,69 @@ class RawConfig:
         if not kw["rope"]:
             kw["rope"] = {"full_attention": rope_from_params(self.rope_params(10000.0), head_dim, self.where)}
         return ModelConfig(**kw)
+
+
+def _opt(default, help: str, **kw):
+    """A TrainConfig field: its default and help text feed the CLI, the YAML file and the API alike."""
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs. `lcsb train --help` lists the same fields as flags."""
+
+    # what to train on
+    model: str = _opt(None, "Hugging Face checkpoint folder or `lcsb convert` folder (default: the bundled model)")
+    data: str = _opt(None, "folder with train.jsonl [valid.jsonl test.jsonl], or one .jsonl file "
+                           "(default: the bundled chat task)")
+    out: str = _opt(None, "run folder for the adapter, logs and checkpoints (default: runs/<method>-<time>)")
+    # selection (DESIGN section 4)
+    method: str = _opt("lcsb", "full | lcsb | lcsb-exact | random | lisa | badam | freeze")
+    groups: int = _opt(4, "lcsb: number of layer groups K; group (step // interval) mod K is trained")
+    grouping: str = _opt("contiguous", "lcsb: contiguous | strided layer groups")
+    interval: int = _opt(1, "steps between selection switches (lcsb, lisa, badam)")
+    active: int = _opt(None, "random/lisa/freeze: number of trained blocks (default: a quarter of the layers)")
+    order: str = _opt("ascending", "badam: block order ascending | descending | random")
+    inactive: str = _opt("momentum", "untrained blocks' LoRA: momentum (zero-grad AdamW step) | frozen | reset")
+    # the engine (DESIGN section 3)
+    quant: str = _opt(None, "compress base weights on load: int8 | int4 | nf4 (default: keep the checkpoint's)")
+    group_size: int = _opt(64, "int4/nf4 group size (32, 64, 128)")
+    activations: str = _opt("ram", "where block checkpoints live: ram | disk (memory-mapped file)")
+    # LoRA (DESIGN section 5)
+    rank: int = _opt(16, "LoRA rank")
+    alpha: float = _opt(32.0, "LoRA alpha (scale alpha / rank)")
+    dropout: float = _opt(0.0, "LoRA dropout")
+    targets: list = _opt(LORA_TARGETS, "projections to adapt", nargs="+")
+    adapter: str = _opt(None, "start from this PEFT adapter folder instead of a fresh LoRA")
+    # optimisation
+    optimizer: str = _opt("adamw", "adamw | sgd")
+    lr: float = _opt(1e-4, "peak learning rate")
+    weight_decay: float = _opt(0.01, "decoupled weight decay")
+    momentum: float = _opt(0.0, "sgd momentum")
+    schedule: str = _opt("constant", "learning-rate schedule: constant | linear | cosine (after warmup)")
+    warmup: int = _opt(0, "linear warmup steps")
+    steps: int = _opt(None, "optimizer steps (default: --epochs over the training set)")
+    epochs: float = _opt(1.0, "passes over the training set when --steps is not given")
+    batch_size: int = _opt(1, "sequences per micro-batch")
+    grad_accum: int = _opt(1, "micro-batches per optimizer step")
+    clip: float = _opt(1.0, "clip the global gradient norm (0: off)")
+    # data (DESIGN section 6)
+    max_seq_len: int = _opt(None, "truncate longer records to this many tokens (default: 2048 or the model's context)")
+    mask_prompt: bool = _opt(True, "count only completion / assistant tokens in the loss")
+    pack: bool = _opt(False, "pack short records into sequences of up to --max-seq-len")
+    valid_fraction: float = _opt(0.0, "hold out this fraction of a single data file for evaluation")
+    skip_bad_lines: bool = _opt(False, "skip malformed data lines (counted) instead of stopping")
+    # the run (DESIGN section 7)
+    eval_every: int = _opt(0, "evaluate every N steps (0: only at the end)")
+    eval_batches: int = _opt(25, "batches per evaluation (0: the whole validation set)")
+    save_every: int = _opt(100, "write a checkpoint every N steps (0: only at the end)")
+    keep_checkpoints: int = _opt(2, "checkpoints kept in the run folder (the latest ones)")
+    seed: int = _opt(0, "seed of data order, LoRA init, dropout and random selections")
+    resume: str = _opt(None, "continue the run in this folder from its last checkpoint")
+    skip_nonfinite: bool = _opt(False, "skip steps with a non-finite loss or gradient instead of stopping")
+    max_memory: str = _opt(None, "refuse to start when the estimated peak memory exceeds this (e.g. 800MB, 2GB)")
+    log_every: int = _opt(1, "print a progress line every N steps when not on a terminal")
+
+    @classmethod
+    def field_help(cls) -> dict[str, dict]:
+        return {f.name: dict(f.metadata) for f in fields(cls)}

@@ -232,3 +232,40 @@ def lora_gradients(model: CausalLM, input_ids: torch.Tensor, labels: torch.Tenso
         for k, p in params.items():
             p.grad = saved[k]
     return res.loss, grads
+
+
+@torch.no_grad()
+def eval_step(model: CausalLM, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[float, int, int]:
+    """Forward only: (summed loss, counted tokens, correctly predicted tokens) of one batch, with the
+    LM head walked in vocabulary chunks like the training step."""
+    shifted = torch.full_like(labels, -100)
+    shifted[:, :-1] = labels[:, 1:]
+    counted = shifted != -100
+    h = model.embed(input_ids)
+    ctx = model.context(0, input_ids.shape[1], input_ids.device)
+    for block in model.model.layers:
+        with materialized(block, model.dtype):
+            h = block(h, ctx)
+    hn = model.model.norm(h)[counted]
+    targets = shifted[counted]
+    W, cap = model.head_weight(), model.config.final_softcap
+    best = torch.full((hn.shape[0],), float("-inf"))
+    arg = torch.zeros(hn.shape[0], dtype=torch.long)
+    m = torch.full((hn.shape[0],), float("-inf"))
+    s = torch.zeros(hn.shape[0])
+    zt = torch.zeros(hn.shape[0])
+    for lo in range(0, W.shape[0], VOCAB_CHUNK):
+        ids = torch.arange(lo, min(lo + VOCAB_CHUNK, W.shape[0]))
+        z = (hn @ W.rows(ids, hn.dtype).T).float()
+        if cap is not None:
+            z = torch.tanh(z / cap) * cap
+        cmax, carg = z.max(dim=1)
+        better = cmax > best
+        best, arg = torch.where(better, cmax, best), torch.where(better, carg + lo, arg)
+        new_m = torch.maximum(m, cmax)
+        s = s * torch.exp(m - new_m) + torch.exp(z - new_m[:, None]).sum(1)
+        m = new_m
+        inside = (targets >= lo) & (targets < lo + len(ids))
+        zt[inside] = z[inside, targets[inside] - lo]
+    loss_sum = float((m + torch.log(s) - zt).sum())
+    return loss_sum, int(counted.sum()), int((arg == targets).sum())

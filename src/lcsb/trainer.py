@@ -1,0 +1,484 @@
+"""The training run (DESIGN section 7): setup, the step loop, evaluation, checkpoints, resume.
+
+The loop reads top to bottom: pick the roles of this step, run the micro-batches through the
+executor, clip, step the optimizer with the inactive-block policy, log, evaluate, checkpoint.
+
+A checkpoint holds everything the next step depends on: adapter, optimizer state, the step
+counter, the data position (epoch and batch index; the order itself is a function of the seed and
+the epoch) and the RNG state. The schedule and the selection are pure functions of the step.
+So `--resume` continues exactly as if the run had never stopped. Checkpoints are written into a
+temporary folder, fsynced, then renamed: a kill at any moment leaves the previous one intact.
+Only safetensors and JSON are written and read, never pickles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import resource
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from . import data as datalib
+from .config import LoraConfig, TrainConfig
+from .engine.executor import block_lora_params, eval_step, run_step
+from .engine.selection import Selection
+from .errors import UserError
+from .lora import save_adapter
+from .model import load_config, load_model
+from .model.tokenizer import load_tokenizer
+from .optim import BlockOptimizer, clip_grad_norm, schedule_factor
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_MODEL = REPO / "assets" / "model"
+DEFAULT_DATA = REPO / "assets" / "data" / "chat"
+
+
+class NonFiniteError(UserError):
+    """The loss or a gradient became NaN/inf; the run stops with its last good checkpoint named."""
+
+    exit_code = 3
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _fsync_dir(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, obj):
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _save_tensors(path: Path, tensors: dict):
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+@dataclass
+class Position:
+    """Where the run is: optimizer steps done, and the next micro-batch (epoch, batch index)."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+
+
+def save_checkpoint(run: Path, model, opt: BlockOptimizer, pos: Position, cfg: TrainConfig, stats: dict,
+                    keep: int) -> Path:
+    """Write checkpoints/step-N atomically; prune old ones; return its path."""
+    ck = run / "checkpoints"
+    ck.mkdir(parents=True, exist_ok=True)
+    name = f"step-{pos.step:07d}"
+    final, tmp = ck / name, ck / f".tmp-{name}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_adapter(model, tmp, base_model=cfg.model)
+    keys = list(model.lora_parameters())
+    sd = opt.state_dict()
+    index = {id(p): i for i, p in enumerate(opt.params)}
+    assert len(index) == len(keys)
+    tensors, scalars = {}, {}
+    for i, st in sd["opt"]["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v) and v.dim() > 0:
+                tensors[f"{keys[i]}::{k}"] = v
+            else:
+                scalars[f"{keys[i]}::{k}"] = float(v)
+    tensors["rng::torch"] = torch.get_rng_state()
+    _save_tensors(tmp / "optimizer.safetensors", tensors)
+    state = dict(step=pos.step, epoch=pos.epoch, batch=pos.batch, scalars=scalars,
+                 param_groups=sd["opt"]["param_groups"], last_trained=sd["last_trained"], stats=stats)
+    _write_json(tmp / "state.json", state)   # written last: its presence marks a complete checkpoint
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(ck)
+    _write_json(ck / "latest.json", {"step": pos.step, "path": name})
+    done = sorted(p for p in ck.glob("step-*") if (p / "state.json").exists())
+    for old in done[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run: Path) -> Path | None:
+    ck = run / "checkpoints"
+    done = sorted(p for p in ck.glob("step-*") if (p / "state.json").exists()) if ck.exists() else []
+    return done[-1] if done else None
+
+
+def load_checkpoint(path: Path, model, opt: BlockOptimizer) -> tuple[Position, dict]:
+    from .lora import ADAPTER_WEIGHTS
+
+    state = json.loads((path / "state.json").read_text())
+    saved = load_file(str(path / ADAPTER_WEIGHTS))
+    params = model.lora_parameters()
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(saved[k])
+    tensors = load_file(str(path / "optimizer.safetensors"))
+    keys = list(params)
+    opt_state: dict[int, dict] = {}
+    for name, v in tensors.items():
+        if name.startswith("rng::"):
+            continue
+        key, field_name = name.split("::")
+        opt_state.setdefault(keys.index(key), {})[field_name] = v
+    for name, v in state["scalars"].items():
+        key, field_name = name.split("::")
+        opt_state.setdefault(keys.index(key), {})[field_name] = torch.tensor(v)
+    opt.load_state_dict({"opt": {"state": opt_state, "param_groups": state["param_groups"]},
+                         "last_trained": state["last_trained"]})
+    torch.set_rng_state(tensors["rng::torch"])
+    return Position(state["step"], state["epoch"], state["batch"]), state.get("stats", {})
+
+
+# ---------------------------------------------------------------- the run
+
+
+class Batches:
+    """Micro-batches in the seeded order of each epoch, resumable from (epoch, batch)."""
+
+    def __init__(self, examples, batch_size: int, seed: int, pos: Position, pad_id: int):
+        self.examples, self.bs, self.seed, self.pad = examples, batch_size, seed, pad_id
+        self.epoch, self.batch = pos.epoch, pos.batch
+        self.per_epoch = math.ceil(len(examples) / batch_size)
+        self._it = None
+
+    def next(self):
+        if self.batch >= self.per_epoch:
+            self.epoch, self.batch, self._it = self.epoch + 1, 0, None
+        if self._it is None:
+            self._it = datalib.batches(self.examples, self.bs, self.seed, self.epoch, start=self.batch,
+                                       pad_token_id=self.pad)
+        self.batch += 1
+        return next(self._it)
+
+
+def evaluate(model, examples, batch_size: int, max_batches: int, pad_id: int) -> dict:
+    """Loss, perplexity and token accuracy over (the first max_batches batches of) `examples`."""
+    loss_sum = n = correct = 0
+    # a fixed seeded order: with max_batches, every evaluation scores the same subset
+    for i, (ids, labels) in enumerate(datalib.batches(examples, batch_size, seed=0, epoch=0, pad_token_id=pad_id)):
+        if max_batches and i >= max_batches:
+            break
+        ls, c, k = eval_step(model, ids, labels)
+        loss_sum, n, correct = loss_sum + ls, n + c, correct + k
+    loss = loss_sum / max(n, 1)
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "accuracy": correct / max(n, 1), "tokens": n}
+
+
+class _Interrupt:
+    """SIGINT / SIGTERM: finish the current step, checkpoint, exit."""
+
+    def __init__(self):
+        self.signal = None
+
+    def __enter__(self):
+        self.old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:      # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for s, h in self.old.items():
+            signal.signal(s, h)
+
+
+@dataclass
+class TrainResult:
+    run: Path
+    steps: int
+    train_loss: float | None
+    eval: dict | None
+    interrupted: bool = False
+
+
+def resolve(cfg: TrainConfig) -> TrainConfig:
+    """Fill the defaults that depend on other values (bundled model and data, run folder name)."""
+    cfg = dataclasses.replace(cfg)
+    if cfg.resume:
+        cfg.out = cfg.resume
+    if cfg.model is None:
+        cfg.model = str(DEFAULT_MODEL)
+    if cfg.data is None:
+        cfg.data = str(DEFAULT_DATA)
+    if cfg.out is None:
+        cfg.out = str(Path("runs") / f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+    cfg.targets = list(cfg.targets)
+    return cfg
+
+
+def _resumed_config(cfg: TrainConfig) -> TrainConfig:
+    """The run's saved config, with whatever the caller set to a non-default value on top (e.g. --steps)."""
+    saved = Path(cfg.resume) / "config.yaml"
+    if not saved.exists():
+        raise UserError(f"{saved} not found: --resume needs a run folder written by `lcsb train`")
+    try:
+        base = yaml.safe_load(saved.read_text())
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        merged = TrainConfig(**{k: v for k, v in base.items() if k in known})
+    except (yaml.YAMLError, TypeError) as e:
+        raise UserError(f"{saved}: not a valid run config ({e})") from None
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        v = getattr(cfg, f.name)
+        if f.name not in ("resume", "out") and v != getattr(defaults, f.name):
+            setattr(merged, f.name, v)
+    merged.resume = merged.out = cfg.resume
+    return merged
+
+
+def check_options(cfg: TrainConfig):
+    for name in ("batch_size", "grad_accum", "max_seq_len", "group_size"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.steps is not None and cfg.steps <= 0:
+        raise UserError(f"--steps must be positive, got {cfg.steps}")
+    if cfg.epochs <= 0:
+        raise UserError(f"--epochs must be positive, got {cfg.epochs}")
+    if cfg.lr <= 0:
+        raise UserError(f"--lr must be positive, got {cfg.lr}")
+    if not 0 <= cfg.valid_fraction < 1:
+        raise UserError(f"--valid-fraction must be in [0, 1), got {cfg.valid_fraction}")
+    for name in ("eval_every", "save_every", "warmup", "clip", "weight_decay"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(cfg, name)}")
+
+
+def train(cfg: TrainConfig, sources: dict[str, str] | None = None, quiet: bool = False) -> TrainResult:
+    """Run a fine-tuning job; returns the run folder and the final metrics."""
+    say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    if cfg.resume:
+        cfg = _resumed_config(cfg)
+    cfg = resolve(cfg)
+    run = Path(cfg.out)
+    check_options(cfg)
+    if sources:
+        say("config: " + ", ".join(f"{k}={getattr(cfg, k)!r} ({src})" for k, src in sources.items()
+                                   if src != "default"))
+
+    # setup: config, tokenizer and data first, so bad input stops us before the model is loaded
+    mcfg, _ = load_config(cfg.model)
+    context = mcfg.max_position_embeddings
+    if cfg.max_seq_len is None:
+        cfg.max_seq_len = min(2048, context)
+    elif cfg.max_seq_len > context:
+        raise UserError(f"--max-seq-len {cfg.max_seq_len} exceeds the model's context "
+                        f"(max_position_embeddings={context} in {cfg.model}/config.json)")
+    tok = load_tokenizer(cfg.model)
+    splits = datalib.load_dataset(cfg.data, tok, max_seq_len=cfg.max_seq_len, mask_prompt=cfg.mask_prompt,
+                                  valid_fraction=cfg.valid_fraction, seed=cfg.seed,
+                                  on_error="skip" if cfg.skip_bad_lines else "stop")
+    train_set = datalib.pack(splits.train, cfg.max_seq_len) if cfg.pack else splits.train
+    say(splits.report.summary())
+    torch.manual_seed(cfg.seed)
+    lora = None if cfg.adapter else LoraConfig(cfg.rank, cfg.alpha, cfg.dropout, tuple(cfg.targets))
+    model = load_model(cfg.model, quant=cfg.quant, group_size=cfg.group_size, lora=lora, adapter=cfg.adapter)
+    n = model.config.num_layers
+    if cfg.active is None:
+        cfg.active = max(1, n // 4)
+    selection = Selection(cfg.method, cfg.groups, cfg.grouping, cfg.interval, cfg.active, cfg.order,
+                          cfg.seed).validate(n)
+    if cfg.inactive == "reset" and cfg.method != "lisa":
+        say("note: --inactive reset is LISA's behaviour; it applies to any method but was designed for lisa")
+    blocks = [block_lora_params(b) for b in model.model.layers]
+    opt = BlockOptimizer(blocks, cfg.lr, cfg.optimizer, cfg.weight_decay, momentum=cfg.momentum,
+                         inactive=cfg.inactive)
+    micro_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
+    total = cfg.steps or max(1, int(cfg.epochs * micro_per_epoch / cfg.grad_accum))
+    if cfg.dropout > 0:
+        model.train()
+
+    pos, stats = Position(), {"skipped_nonfinite": 0}
+    run.mkdir(parents=True, exist_ok=True)
+    if cfg.resume:
+        last = latest_checkpoint(run)
+        if last is None:
+            raise UserError(f"{run}: no complete checkpoint to resume from (checkpoints/step-*)")
+        pos, stats = load_checkpoint(last, model, opt)
+        say(f"resumed from {last} (step {pos.step})")
+    else:
+        (run / "log.jsonl").unlink(missing_ok=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    if pos.step >= total:
+        say(f"nothing to do: the run is at step {pos.step} of {total}")
+
+    log = open(run / "log.jsonl", "a")
+    if cfg.resume:   # drop log lines past the checkpoint, so the log reads as one uninterrupted run
+        log.close()
+        lines = [l for l in (run / "log.jsonl").read_text().splitlines() if json.loads(l).get("step", 0) <= pos.step]
+        (run / "log.jsonl").write_text("".join(l + "\n" for l in lines))
+        log = open(run / "log.jsonl", "a")
+    writer = _tensorboard(run)
+    batches = Batches(train_set, cfg.batch_size, cfg.seed, pos, tok.pad_token_id)
+    history, eval_history = [], []
+    bar = _progress(total, pos.step, quiet)
+    last_ckpt = latest_checkpoint(run)
+    eval_result = None
+    interrupted = False
+
+    def checkpoint():
+        nonlocal last_ckpt
+        try:
+            last_ckpt = save_checkpoint(run, model, opt, pos, cfg, stats, cfg.keep_checkpoints)
+        except OSError as e:
+            raise UserError(f"cannot write a checkpoint in {run / 'checkpoints'} ({e.strerror or e}); "
+                            f"the previous one is intact: {last_ckpt}") from None
+
+    with _Interrupt() as stop:
+        while pos.step < total:
+            t0 = time.perf_counter()
+            roles = selection.roles(pos.step, n)
+            trained = {i for i, r in enumerate(roles) if r == "train"}
+            opt.set_lr_factor(schedule_factor(cfg.schedule, pos.step, total, cfg.warmup))
+            loss_sum, tokens = 0.0, 0
+            for _ in range(cfg.grad_accum):
+                ids, labels = batches.next()
+                res = run_step(model, ids, labels, roles, cfg.activations, loss_scale=1.0 / cfg.grad_accum)
+                loss_sum += res.loss / cfg.grad_accum
+                tokens += int(ids.numel())
+            gnorm = clip_grad_norm(opt.params, cfg.clip)
+            finite = math.isfinite(loss_sum) and math.isfinite(gnorm)
+            if finite:
+                opt.step(trained)
+            elif cfg.skip_nonfinite:
+                stats["skipped_nonfinite"] += 1
+            else:
+                raise NonFiniteError(
+                    f"non-finite {'loss' if not math.isfinite(loss_sum) else 'gradient'} at step {pos.step + 1}; "
+                    f"last good checkpoint: {last_ckpt or 'none yet'} (lower --lr, or pass --skip-nonfinite)")
+            opt.zero_grad()
+            pos.step, pos.epoch, pos.batch = pos.step + 1, batches.epoch, batches.batch
+            dt = time.perf_counter() - t0
+            line = dict(step=pos.step, loss=loss_sum, lr=opt.lr, trained=sorted(trained), step_time=dt,
+                        tokens=tokens, tok_per_s=tokens / dt, grad_norm=gnorm, peak_rss_mb=peak_rss_mb(),
+                        skipped=not finite)
+            log.write(json.dumps(line) + "\n")
+            log.flush()
+            history.append((pos.step, loss_sum))
+            if writer:
+                writer.add_scalar("train/loss", loss_sum, pos.step)
+            bar.update(line, say, cfg.log_every)
+
+            if cfg.eval_every and pos.step % cfg.eval_every == 0 and pos.step < total and splits.valid:
+                eval_result = _eval_and_log(model, splits.valid, cfg, tok, pos, log, writer, eval_history, say)
+            if (cfg.save_every and pos.step % cfg.save_every == 0) or stop.signal or pos.step == total:
+                checkpoint()
+            if stop.signal:
+                say(f"\nstopped by signal {stop.signal} after step {pos.step}; checkpoint: {last_ckpt}\n"
+                    f"continue with: lcsb train --resume {run}")
+                interrupted = True
+                break
+    bar.close()
+    if not interrupted:
+        if splits.valid:
+            eval_result = _eval_and_log(model, splits.valid, cfg, tok, pos, log, writer, eval_history, say)
+        save_adapter(model, run, base_model=cfg.model)
+        _plot(run, history, eval_history)
+        say(f"adapter: {run}/adapter_model.safetensors (PEFT format)\nlog: {run}/log.jsonl"
+            + (f"\nplot: {run}/loss.png" if (run / "loss.png").exists() else ""))
+    log.close()
+    if writer:
+        writer.close()
+    return TrainResult(run, pos.step, history[-1][1] if history else None, eval_result, interrupted)
+
+
+def _eval_and_log(model, valid, cfg, tok, pos, log, writer, eval_history, say):
+    was_training = model.training
+    model.eval()
+    r = evaluate(model, valid, cfg.batch_size, cfg.eval_batches, tok.pad_token_id)
+    model.train(was_training)
+    log.write(json.dumps({"step": pos.step, "eval_loss": r["loss"], "eval_ppl": r["ppl"],
+                          "eval_accuracy": r["accuracy"]}) + "\n")
+    log.flush()
+    eval_history.append((pos.step, r["loss"]))
+    if writer:
+        writer.add_scalar("eval/loss", r["loss"], pos.step)
+    say(f"eval step {pos.step}: loss {r['loss']:.4f}  ppl {r['ppl']:.2f}  token accuracy {r['accuracy']:.3f}")
+    return r
+
+
+class _progress:
+    """tqdm on a terminal (loss, tokens/s, ETA); a plain line every `log_every` steps otherwise."""
+
+    def __init__(self, total: int, start: int, quiet: bool):
+        self.tty = sys.stderr.isatty() and not quiet
+        self.quiet, self.total, self.t0, self.start = quiet, total, time.perf_counter(), start
+        self.bar = None
+        if self.tty:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+
+    def update(self, line, say, every):
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{line['loss']:.4f}", tok_s=f"{line['tok_per_s']:.0f}")
+            self.bar.update(1)
+        elif not self.quiet and (line["step"] % max(1, every) == 0 or line["step"] == self.total):
+            done = line["step"] - self.start
+            eta = (time.perf_counter() - self.t0) / max(done, 1) * (self.total - line["step"])
+            say(f"step {line['step']}/{self.total}  loss {line['loss']:.4f}  lr {line['lr']:.2e}  "
+                f"{line['tok_per_s']:.0f} tok/s  eta {eta:.0f}s  peak {line['peak_rss_mb']:.0f} MB")
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _tensorboard(run: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:   # tensorboard not installed: events are optional
+        return None
+    return SummaryWriter(str(run / "tensorboard"))
+
+
+def _plot(run: Path, history, eval_history):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if history:
+        ax.plot(*zip(*history), label="train", alpha=0.7)
+    if eval_history:
+        ax.plot(*zip(*eval_history), "o-", label="eval")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(run / "loss.png", dpi=100)
+    plt.close(fig)
