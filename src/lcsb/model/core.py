@@ -300,13 +300,14 @@ class CausalLM(nn.Module):
             out = torch.tanh(out / self.config.final_softcap) * self.config.final_softcap
         return out
 
-    def forward(self, input_ids, cache: KVCache | None = None):
+    def forward(self, input_ids, cache: KVCache | None = None, last_only: bool = False):
+        """Logits [B, S, V] (or [B, 1, V] with last_only, which spares the LM head the other positions)."""
         start = cache.length if cache is not None else 0
         h = self.embed(input_ids)
         ctx = self.context(start, input_ids.shape[1], input_ids.device)
         for block in self.model.layers:
             h = block(h, ctx, cache)
-        return self.logits(h)
+        return self.logits(h[:, -1:] if last_only else h)
 
     def lora_parameters(self) -> dict[str, nn.Parameter]:
         """LoRA parameters by PEFT key (base_model.model.<name>)."""

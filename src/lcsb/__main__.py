@@ -1,0 +1,8 @@
+"""`python -m lcsb`: the same as the `lcsb` command."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""The `lcsb` command: argument parsing only; the work is done by the Python API.
+
+Each subcommand is two small functions: `_add_<name>(sub)` declares its options and returns its
+parser, `_run_<name>(args)` calls the API with them and returns the exit status. A new
+subcommand (train, eval, export, convert, bench) is one more such pair and one line in COMMANDS.
+
+Errors: a `UserError` prints `lcsb: error: <one line>` on stderr and exits 2 (`--debug` adds the
+traceback); argparse errors exit 2 with one line as well; Ctrl-C exits 130 without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import traceback
+
+from . import __version__, load_config, load_model
+from .errors import UserError
+from .evaluate import encode_prompt, generate_text
+from .model.tokenizer import load_tokenizer
+from .quant.formats import FORMATS
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # one line, like every other lcsb error, instead of argparse's usage block
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+# --- option types: a bad value fails at parse time with the option's name -------------------------
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        v = 0
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    return v
+
+
+def _non_negative_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        v = math.nan
+    if not 0 <= v < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s!r}")
+    return v
+
+
+def _probability(s: str) -> float:
+    """A probability mass in (0, 1]."""
+    try:
+        v = float(s)
+    except ValueError:
+        v = math.nan
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {s!r}")
+    return v
+
+
+# --- generate -------------------------------------------------------------------------------------
+
+def _add_generate(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("generate", help="generate text from a prompt",
+                       description="Generate text from a prompt, printing tokens as they are produced.")
+    p.add_argument("--model", required=True, metavar="DIR",
+                   help="Hugging Face checkpoint folder or a folder made by `lcsb convert`")
+    p.add_argument("--prompt", required=True, metavar="TEXT", help="the prompt text")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap the prompt in the tokenizer's chat template as a user turn")
+    p.add_argument("--system", metavar="TEXT", help="system turn before the prompt (needs --chat)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=256, metavar="N",
+                   help="stop after N new tokens (default: %(default)s)")
+    p.add_argument("--temperature", type=_non_negative_float, default=0.0, metavar="T",
+                   help="sampling temperature; 0 is greedy decoding (default: %(default)s)")
+    p.add_argument("--top-p", type=_probability, default=1.0, metavar="P",
+                   help="nucleus sampling: sample among the most likely tokens totalling P (default: %(default)s)")
+    p.add_argument("--seed", type=int, metavar="S", help="seed of the sampling RNG (default: random)")
+    p.add_argument("--quant", choices=FORMATS, help="compress base weights on load (default: as stored)")
+    p.add_argument("--adapter", metavar="DIR", help="LoRA adapter folder (PEFT layout) to apply")
+    return p
+
+
+def _run_generate(args) -> int:
+    load_config(args.model)         # a bad folder fails here, before the tokenizer and the weights load
+    tokenizer = load_tokenizer(args.model)
+    prompt_ids = encode_prompt(tokenizer, args.prompt, chat=args.chat, system=args.system)
+    model = load_model(args.model, quant=args.quant, adapter=args.adapter)
+    for piece in generate_text(model, tokenizer, prompt_ids, max_new_tokens=args.max_new_tokens,
+                               temperature=args.temperature, top_p=args.top_p, seed=args.seed):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return 0
+
+
+COMMANDS = {
+    "generate": (_add_generate, _run_generate),
+}
+
+
+# --- the command ----------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="lcsb", description="LoRA fine-tuning in little memory with layer-cyclic "
+                                              "selective backpropagation (LCSB).")
+    parser.add_argument("--version", action="version", version=f"lcsb {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add, run in COMMANDS.values():
+        p = add(sub)
+        # --debug is also accepted after the subcommand; SUPPRESS keeps the global value otherwise
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of errors")
+        p.set_defaults(run=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `lcsb` with `argv` (default sys.argv[1:]); return the exit status.
+
+    argparse's own exits (--help, --version, bad options) raise SystemExit as usual.
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except UserError as e:
+        if args.debug:
+            traceback.print_exc()
+        message = " ".join(str(e).split("\n"))
+        print(f"lcsb: error: {message}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # the reader went away (`lcsb generate ... | head`): stop quietly, and keep Python from
+        # complaining again when it flushes stdout at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1

@@ -1,0 +1,177 @@
+"""Evaluation and generation (DESIGN.md section 9): loss, perplexity and accuracy on held-out data
+belong here next to text generation.
+
+Generation keeps a KV cache: the prompt is run once (prefill), then every step feeds only the
+token just produced. Sampling draws from its own `torch.Generator`, so a seed gives the same
+tokens whatever else uses torch's global RNG.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+
+import torch
+
+from .errors import UserError
+from .model.core import CausalLM, KVCache
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float):
+    """Refuse out-of-range sampling settings with one line naming the setting."""
+    if isinstance(max_new_tokens, bool) or not hasattr(max_new_tokens, "__index__") or max_new_tokens <= 0:
+        raise UserError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if not temperature >= 0:                       # also refuses NaN
+        raise UserError(f"temperature must be >= 0 (0 is greedy), got {temperature!r}")
+    if not 0 < top_p <= 1:
+        raise UserError(f"top_p must be in (0, 1] (1 keeps every token), got {top_p!r}")
+
+
+def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """probs [V] with every token outside the nucleus set to 0.
+
+    The nucleus is the smallest set of most likely tokens whose probability reaches top_p (never
+    empty), as in transformers' TopPLogitsWarper.
+    """
+    p, idx = probs.sort(descending=True)
+    keep = (p.cumsum(-1) - p) < top_p       # the mass of the tokens before it is still short of top_p
+    keep[0] = True
+    return probs * torch.zeros_like(keep).scatter(0, idx, keep)
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> int:
+    """One token id from logits [V]: argmax when temperature == 0, else temperature + nucleus sampling."""
+    if temperature == 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        probs = top_p_filter(probs, top_p)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _device(model: CausalLM) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def generate(model: CausalLM, prompt_ids: Sequence[int], max_new_tokens: int = 256, temperature: float = 0.0,
+             top_p: float = 1.0, seed: int | None = None, eos_ids: Iterable[int] = ()) -> Iterator[int]:
+    """Yield new token ids one at a time, as they are produced.
+
+    Stops after an id in `eos_ids` (which is yielded, as transformers returns it), after
+    `max_new_tokens`, or when the sequence fills the model's max_position_embeddings. Settings
+    are checked here, before the first token is asked for.
+
+    Args:
+        model: a loaded model (`lcsb.load_model`).
+        prompt_ids: the prompt's token ids, special tokens included.
+        temperature: 0 is greedy decoding; > 0 samples from softmax(logits / temperature).
+        top_p: nucleus sampling: sample only among the most likely tokens totalling top_p.
+        seed: seed of the sampling RNG; None draws from torch's global RNG.
+        eos_ids: token ids that end the generation.
+    """
+    check_sampling(max_new_tokens, temperature, top_p)
+    prompt = [int(i) for i in prompt_ids]
+    if not prompt:
+        raise UserError("the prompt is empty: generation needs at least one prompt token")
+    vocab = model.config.vocab_size
+    if bad := [i for i in prompt if not 0 <= i < vocab]:
+        raise UserError(f"prompt token id {bad[0]} is outside the model's vocabulary (vocab_size {vocab}); "
+                        "use the tokenizer that comes with the model")
+    limit = model.config.max_position_embeddings
+    if len(prompt) >= limit:
+        raise UserError(f"the prompt has {len(prompt)} tokens but the model takes at most {limit} positions "
+                        "(max_position_embeddings); shorten the prompt")
+    steps = min(int(max_new_tokens), limit - len(prompt))
+    return _decode(model, prompt, steps, temperature, top_p, seed, set(eos_ids))
+
+
+def _next_logits(model: CausalLM, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Logits [V] after ids [1, S], appending their keys and values to the cache."""
+    return model(ids, cache=cache, last_only=True)[0, -1]
+
+
+@torch.no_grad()   # on a generator function: grad is off while it runs, not while the caller runs
+def _decode(model: CausalLM, prompt: list[int], steps: int, temperature: float, top_p: float,
+            seed: int | None, eos: set[int]) -> Iterator[int]:
+    device = _device(model)
+    generator = None
+    if temperature > 0 and seed is not None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+    cache = KVCache(model.config.num_layers)
+    ids = torch.tensor([prompt], dtype=torch.long, device=device)       # [1, S]: prefill once
+    for _ in range(steps):
+        logits = _next_logits(model, ids, cache)                         # [V] at the last position
+        token = sample(logits, temperature, top_p, generator)
+        yield token
+        if token in eos:
+            return
+        ids = torch.tensor([[token]], dtype=torch.long, device=device)  # [1, 1]: one step
+
+
+class TextStreamer:
+    """Turns a stream of token ids into text increments.
+
+    Each call decodes every id so far and returns the text past what was already returned, so
+    merges across tokens (byte-level BPE splits a character over several tokens) come out right.
+    A trailing "\\ufffd" means the last token ended inside a UTF-8 character: that tail is held
+    back until the character is complete (or until `end`).
+    """
+
+    def __init__(self, tokenizer, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.ids: list[int] = []
+        self.sent = 0            # characters of the decoded text returned so far
+
+    def _decode(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special_tokens)
+
+    def put(self, token: int) -> str:
+        """Add one token; return the new text that is final so far (maybe "")."""
+        self.ids.append(token)
+        text = self._decode().rstrip("\ufffd")
+        new = text[self.sent:]
+        self.sent = max(self.sent, len(text))
+        return new
+
+    def end(self) -> str:
+        """Return whatever is left, incomplete characters included."""
+        text = self._decode()
+        new = text[self.sent:]
+        self.sent = max(self.sent, len(text))
+        return new
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:
+    """Token ids of a prompt: the plain text with the tokenizer's special tokens (BOS), or with
+    `chat` a user turn (after an optional system turn) in the chat template, ending with the
+    assistant's generation prompt."""
+    if not chat:
+        if system is not None:
+            raise UserError("a system prompt needs the chat template: use chat mode (--chat) with --system")
+        return tokenizer.encode(prompt)
+    if not tokenizer.has_chat_template:
+        raise UserError(f"{tokenizer.source}: the tokenizer has no chat template; "
+                        "generate from the plain prompt instead (without --chat)")
+    messages = ([{"role": "system", "content": system}] if system is not None else [])
+    messages.append({"role": "user", "content": prompt})
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def generate_text(model: CausalLM, tokenizer, prompt_ids: Sequence[int], max_new_tokens: int = 256,
+                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                  eos_ids: Iterable[int] | None = None) -> Iterator[str]:
+    """`generate`, yielding text as it is produced instead of token ids.
+
+    Stops at the tokenizer's and the model config's end-of-sequence ids unless `eos_ids` is given;
+    end-of-sequence and other special tokens are not part of the text.
+    """
+    eos = list(eos_ids) if eos_ids is not None else [*tokenizer.eos_token_ids, *model.config.eos_token_id]
+    streamer = TextStreamer(tokenizer, skip_special_tokens=True)
+    for token in generate(model, prompt_ids, max_new_tokens, temperature, top_p, seed, eos):
+        if token not in eos and (piece := streamer.put(token)):
+            yield piece
+    if piece := streamer.end():
+        yield piece
