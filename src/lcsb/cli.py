@@ -11,12 +11,18 @@ traceback); argparse errors exit 2 with one line as well; Ctrl-C exits 130 witho
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
 import traceback
 
+from pathlib import Path
+
+import yaml
+
 from . import __version__, load_config, load_model
+from .config import TrainConfig
 from .errors import UserError
 from .evaluate import encode_prompt, generate_text
 from .model.tokenizer import load_tokenizer
@@ -99,7 +105,75 @@ def _run_generate(args) -> int:
     return 0
 
 
+# --- train ----------------------------------------------------------------------------------------
+
+def _add_train(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("train", help="fine-tune a LoRA adapter (no arguments: the bundled model and chat task)",
+                       description="Fine-tune a LoRA adapter. Every option can also be set in a YAML file "
+                                   "given with --config; flags override the file, the file overrides defaults.")
+    p.add_argument("--config", metavar="YAML", help="YAML file with any of the options below (keys as in "
+                                                     "the run's config.yaml: underscores, no dashes)")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_ = f.metadata["help"] + ("" if f.default is None else f" (default: {_show(f.default)})")
+        kind = f.type if isinstance(f.type, str) else f.type.__name__
+        if kind == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)
+        elif kind == "list":
+            p.add_argument(flag, nargs="+", default=argparse.SUPPRESS, metavar=f.name.upper(), help=help_)
+        else:
+            conv = {"int": int, "float": float}.get(kind, str)
+            choices = f.metadata.get("choices")
+            p.add_argument(flag, type=conv, default=argparse.SUPPRESS, choices=choices,
+                           metavar=None if choices else f.name.upper().replace("_", "-"), help=help_)
+    return p
+
+
+def _show(v):
+    return " ".join(v) if isinstance(v, (list, tuple)) else v
+
+
+def _train_config(args) -> tuple[TrainConfig, dict[str, str]]:
+    """Defaults, then the YAML file, then flags; and where each value came from."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    values, sources = {}, {}
+    if args.config:
+        path = Path(args.config)
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise UserError(f"{path} not found (--config)") from None
+        except yaml.YAMLError as e:
+            raise UserError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+        if not isinstance(loaded, dict):
+            raise UserError(f"{path}: expected a mapping of option names to values")
+        for k, v in loaded.items():
+            key = str(k).replace("-", "_")
+            if key not in names:
+                raise UserError(f"{path}: unknown option {k!r}; see `lcsb train --help` for the option names")
+            values[key], sources[key] = v, "file"
+    for key in names:
+        if key in vars(args):
+            values[key], sources[key] = getattr(args, key), "flag"
+    try:
+        cfg = TrainConfig(**values)
+    except TypeError as e:
+        raise UserError(f"bad training options: {e}") from None
+    for key in names - set(sources):
+        sources[key] = "default"
+    return cfg, sources
+
+
+def _run_train(args) -> int:
+    from .trainer import train
+
+    cfg, sources = _train_config(args)
+    result = train(cfg, sources)
+    return 0 if not result.interrupted else 130
+
+
 COMMANDS = {
+    "train": (_add_train, _run_train),
     "generate": (_add_generate, _run_generate),
 }
 
