@@ -15,6 +15,10 @@ def config(family: str, **over):
         kw.update(tie_word_embeddings=False)
         kw.update(over)
         return transformers.LlamaConfig(**kw)
+    if family == "mistral":
+        kw.update(tie_word_embeddings=False, sliding_window=None)   # lcsb reads Mistral without sliding window
+        kw.update(over)
+        return transformers.MistralConfig(**kw)
     if family == "qwen2":
         kw.update(tie_word_embeddings=True)
         kw.update(over)
@@ -49,3 +53,14 @@ def make(family: str, folder, seed: int = 0, dtype=torch.float32, max_shard_size
     kw = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(folder, **kw)
     return model.float().eval()
+
+
+def reference(folder) -> "transformers.PreTrainedModel":
+    """The transformers model read back from `folder` in float32, eager attention (the plain-math path)."""
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| relative to max |a|: the parity measure of DESIGN section 2."""
+    return ((a.float() - b.float()).abs().max() / a.float().abs().max()).item()

@@ -28,7 +28,9 @@ def load_config(path: str | Path) -> tuple[ModelConfig, object]:
         raise UserError(f"{cfg_path} not found: a model folder needs the config.json of its Hugging Face checkpoint")
     raw = read_json(cfg_path)
     model_type = raw.get("model_type")
-    if model_type == "gemma3" and isinstance(raw.get("text_config"), dict):
+    if model_type is None:
+        raise UserError(f"{cfg_path}: missing field 'model_type'; supported: {', '.join(sorted(FAMILIES))}")
+    if model_type == "gemma3":
         raise UserError(f"{cfg_path}: model_type 'gemma3' is the multimodal Gemma 3; "
                         "use a text-only checkpoint (model_type 'gemma3_text', e.g. gemma-3-1b)")
     if model_type not in FAMILIES:
@@ -80,14 +82,35 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, quant: str 
 
 
 def _fill_from_checkpoint(model: CausalLM, shards: Shards, dtype, quant, group_size):
+    if model.lm_head is None and "lm_head.weight" in shards and "model.embed_tokens.weight" not in shards:
+        raise UserError(f"{shards.folder}: tie_word_embeddings is set but the checkpoint has only lm_head.weight")
     for name, module in model.named_modules():
         if isinstance(module, (Linear, Embedding)):
-            # one tensor at a time: read, compress, drop the float original
-            module.weight = quantize(shards.get(f"{name}.weight").to(dtype), quant, group_size)
+            key = f"{name}.weight"
+            shape = ((module.out_features, module.in_features) if isinstance(module, Linear)
+                     else (module.num_embeddings, module.embedding_dim))
+            w = _read(shards, key, shape).to(dtype)
+            try:
+                # one tensor at a time: read, compress, drop the float original
+                module.weight = quantize(w, quant, group_size)
+            except UserError as e:
+                raise UserError(f"{key}: {e}") from None
+            del w
     for name, p in list(model.named_parameters()):
         mod_name, _, attr = name.rpartition(".")
         mod = model.get_submodule(mod_name)
-        t = shards.get(name).to(dtype)
+        t = _read(shards, name, tuple(p.shape)).to(dtype)
         mod._parameters[attr] = torch.nn.Parameter(t, requires_grad=False)
-    if model.lm_head is None and "lm_head.weight" in shards and "model.embed_tokens.weight" not in shards:
-        raise UserError(f"{shards.folder}: tie_word_embeddings is set but the checkpoint has only lm_head.weight")
+
+
+def _read(shards: Shards, key: str, shape: tuple) -> torch.Tensor:
+    """One checkpoint tensor, checked against the shape config.json implies."""
+    t = shards.get(key)
+    where = shards.where[key]
+    if tuple(t.shape) != tuple(shape):
+        raise UserError(f"{where}: weight {key!r} has shape {list(t.shape)} but config.json implies {list(shape)}; "
+                        "the safetensors files do not match config.json")
+    if not t.is_floating_point():
+        raise UserError(f"{where}: weight {key!r} is {t.dtype}, not a float tensor; pre-quantized checkpoints "
+                        "(GPTQ, AWQ, bitsandbytes) are not supported: use the original float checkpoint")
+    return t

@@ -23,22 +23,16 @@ def parse_config(raw: RawConfig) -> ModelConfig:
     ]
     if len(types) != n:
         raise UserError(f"{raw.where}: layer_types has {len(types)} entries for {n} layers")
-    params = raw.raw.get("rope_parameters")
-    if params is None:  # the older format: rope_theta (global), rope_local_base_freq, rope_scaling on global layers
-        full = dict(raw.get("rope_scaling") or {})
-        full.setdefault("rope_type", full.get("type", "default"))
-        full["rope_theta"] = raw.get("rope_theta", 1_000_000.0)
-        params = {"full_attention": full,
-                  "sliding_attention": {"rope_type": "default", "rope_theta": raw.get("rope_local_base_freq", 10_000.0)}}
-    rope = {kind: rope_from_params({"rope_type": "default", **params[kind]}, head_dim, raw.where)
-            for kind in ("full_attention", "sliding_attention")}
+    rope = {kind: rope_from_params(p, head_dim, raw.where) for kind, p in rope_params(raw).items()}
     return raw.common(
         "gemma3_text", tie_default=True,
         head_dim=head_dim, layer_types=list(types), sliding_window=raw.get("sliding_window", 4096),
         rope=rope, qk_norm=True, norm_offset=1.0, embed_scale=math.sqrt(hidden),
         hidden_act=raw.get("hidden_activation", raw.get("hidden_act", "gelu_pytorch_tanh")),
         attn_scale=raw.get("query_pre_attn_scalar", 256) ** -0.5,
-        attn_softcap=raw.get("attn_logit_softcapping"), final_softcap=raw.get("final_logit_softcapping"),
+        # Gemma 3 replaced Gemma 2's attention-logit softcapping with q/k norms: transformers keeps the
+        # config field but never applies it (every attention implementation), so neither do we
+        attn_softcap=None, final_softcap=raw.get("final_logit_softcapping"),
         qkv_bias=bool(raw.get("attention_bias", False)), o_bias=bool(raw.get("attention_bias", False)),
     )
 
@@ -57,3 +51,29 @@ class Block(nn.Module):
     def forward(self, h, ctx, cache=None):
         h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), ctx, cache))
         return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+
+
+def rope_params(raw: RawConfig) -> dict[str, dict]:
+    """Rope parameters by layer type, as transformers' Gemma3TextConfig reads them: rope_parameters
+    {"full_attention": {...}, "sliding_attention": {...}}, or the older rope_theta (global layers),
+    rope_local_base_freq (local layers) and rope_scaling (global layers only); rope_scaling is applied
+    on top of rope_parameters when both are present."""
+    given = raw.raw.get("rope_parameters") or {}
+    scaling = raw.raw.get("rope_scaling")
+    if not isinstance(given, dict) or not (scaling is None or isinstance(scaling, dict)):
+        raise UserError(f"{raw.where}: rope_parameters / rope_scaling must be JSON objects")
+    out = {}
+    for kind, theta_key, default_theta in (("full_attention", "rope_theta", 1_000_000.0),
+                                           ("sliding_attention", "rope_local_base_freq", 10_000.0)):
+        p = given.get(kind)
+        if p is not None and not isinstance(p, dict):
+            raise UserError(f"{raw.where}: rope_parameters[{kind!r}] must be a JSON object")
+        p = dict(p or {"rope_type": "default"})
+        if kind == "full_attention" and scaling:
+            p.update(scaling)
+        p.setdefault("rope_theta", raw.get(theta_key, default_theta))
+        p.setdefault("rope_type", p.get("type", "default"))
+        if p["rope_type"] in ("llama3", "yarn", "longrope"):
+            p.setdefault("original_max_position_embeddings", raw.raw.get("max_position_embeddings"))
+        out[kind] = p
+    return out

@@ -6,12 +6,13 @@ from .llama import Block  # noqa: F401  (the block is Llama's; the biases come f
 
 
 def sliding_layers(raw: RawConfig, cfg_kw: dict, n: int) -> dict:
-    """Qwen's optional sliding window: layers from max_window_layers on, unless layer_types says otherwise."""
+    """Qwen's optional sliding window: layers from max_window_layers (transformers' default 28) on, unless
+    layer_types says otherwise."""
     if not raw.get("use_sliding_window", False):
         return {}
     window = raw.need("sliding_window")
     types = raw.get("layer_types") or [
-        "sliding_attention" if i >= raw.get("max_window_layers", n) else "full_attention" for i in range(n)
+        "sliding_attention" if i >= raw.get("max_window_layers", 28) else "full_attention" for i in range(n)
     ]
     if len(types) != n:
         raise UserError(f"{raw.where}: layer_types has {len(types)} entries for {n} layers")
