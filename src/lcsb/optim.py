@@ -25,16 +25,16 @@ SCHEDULES = ("constant", "linear", "cosine")
 
 def schedule_factor(kind: str, step: int, total: int, warmup: int) -> float:
     """LR multiplier at `step` (0-based), as transformers' get_{constant,linear,cosine}_schedule_with_warmup."""
+    if kind not in SCHEDULES:
+        raise UserError(f"unknown schedule {kind!r}: choose one of {', '.join(SCHEDULES)}")
     if step < warmup:
         return step / max(1, warmup)
     if kind == "constant":
         return 1.0
+    if kind == "linear":   # transformers' expression: also 0 at step == total when warmup == total
+        return max(0.0, (total - step) / max(1, total - warmup))
     progress = (step - warmup) / max(1, total - warmup)
-    if kind == "linear":
-        return max(0.0, 1.0 - progress)
-    if kind == "cosine":
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-    raise UserError(f"unknown schedule {kind!r}: choose one of {', '.join(SCHEDULES)}")
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 class BlockOptimizer:

@@ -1,0 +1,361 @@
+"""BlockOptimizer, schedules and clipping against independent references: torch.optim on cloned
+parameters, the AdamW / SGD formulas written out here, and transformers' LR schedules."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+from transformers import (get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup,
+                          get_linear_schedule_with_warmup)
+
+from lcsb.errors import UserError
+from lcsb.optim import BlockOptimizer, clip_grad_norm, schedule_factor
+
+SHAPES = [(3, 5), (5, 2)]           # two LoRA-like tensors per block
+NBLOCKS = 4
+# trained blocks per step: blocks go idle and come back, one step trains nothing, one trains all
+TRAINED = [{0}, {0, 1}, {2}, set(), {3}, {0, 3}, {0}, {1, 2}, {0, 1, 2, 3}, {1}, {0, 2}]
+LR, WD = 1e-2, 0.1
+
+
+def make_blocks(seed: int = 0, dtype=torch.float32) -> list[list[torch.nn.Parameter]]:
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.nn.Parameter(torch.randn(s, generator=g, dtype=dtype)) for s in SHAPES] for _ in range(NBLOCKS)]
+
+
+def clone_blocks(blocks):
+    return [[torch.nn.Parameter(p.detach().clone()) for p in b] for b in blocks]
+
+
+def flat(blocks):
+    return [p for b in blocks for p in b]
+
+
+def make_grads(blocks, trained, gen) -> list[list[torch.Tensor | None]]:
+    """A fresh random gradient for every parameter of a trained block, None elsewhere."""
+    return [[torch.randn(p.shape, generator=gen, dtype=p.dtype) if b in trained else None for p in ps]
+            for b, ps in enumerate(blocks)]
+
+
+def set_grads(blocks, grads):
+    for ps, gs in zip(blocks, grads):
+        for p, g in zip(ps, gs):
+            p.grad = None if g is None else g.clone()
+
+
+def make_opt(blocks, kind, inactive, momentum=0.0, lr=LR):
+    if kind == "adamw":
+        return BlockOptimizer(blocks, lr=lr, kind="adamw", weight_decay=WD, inactive=inactive)
+    return BlockOptimizer(blocks, lr=lr, kind="sgd", weight_decay=WD, momentum=momentum, inactive=inactive)
+
+
+# ---- hand-written references -------------------------------------------------------------------
+
+class RefAdamW:
+    """AdamW written out: m, v, bias correction, decoupled weight decay; one step count per tensor."""
+
+    def __init__(self, lr, wd, betas=(0.9, 0.999), eps=1e-8):
+        self.lr, self.wd, (self.b1, self.b2), self.eps = lr, wd, betas, eps
+        self.state: dict[int, dict] = {}
+
+    def update(self, key, p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        s = self.state.setdefault(key, dict(t=0, m=torch.zeros_like(p), v=torch.zeros_like(p)))
+        s["t"] += 1
+        s["m"] = self.b1 * s["m"] + (1 - self.b1) * g
+        s["v"] = self.b2 * s["v"] + (1 - self.b2) * g * g
+        m_hat = s["m"] / (1 - self.b1 ** s["t"])
+        v_hat = s["v"] / (1 - self.b2 ** s["t"])
+        p = p * (1 - self.lr * self.wd)
+        return p - self.lr * m_hat / (v_hat.sqrt() + self.eps)
+
+
+class RefSGD:
+    """SGD with L2 weight decay folded into the gradient and heavy-ball momentum (dampening 0)."""
+
+    def __init__(self, lr, wd, momentum):
+        self.lr, self.wd, self.mu = lr, wd, momentum
+        self.state: dict[int, dict] = {}
+
+    def update(self, key, p, g):
+        d = g + self.wd * p
+        if self.mu:
+            s = self.state.get(key)
+            if s is None:
+                s = self.state[key] = dict(buf=d.clone())
+            else:
+                s["buf"] = self.mu * s["buf"] + d
+            d = s["buf"]
+        return p - self.lr * d
+
+
+def reference_run(kind, inactive, momentum, params0, grads_seq, trained_seq):
+    """Apply the inactive policy by hand on top of the reference formulas."""
+    ref = RefAdamW(LR, WD) if kind == "adamw" else RefSGD(LR, WD, momentum)
+    params = [[p.detach().clone() for p in b] for b in params0]
+    last: set[int] = set()
+    history = []
+    for grads, trained in zip(grads_seq, trained_seq):
+        for b, ps in enumerate(params):
+            if b in trained:
+                if inactive == "reset" and b not in last:
+                    for i in range(len(ps)):
+                        ref.state.pop((b, i), None)
+                ps[:] = [ref.update((b, i), p, g) for i, (p, g) in enumerate(zip(ps, grads[b]))]
+            elif inactive == "momentum":
+                ps[:] = [ref.update((b, i), p, torch.zeros_like(p)) for i, p in enumerate(ps)]
+        last = set(trained)
+        history.append([[p.clone() for p in ps] for ps in params])
+    return history
+
+
+POLICIES = ["momentum", "frozen", "reset"]
+KINDS = [("adamw", 0.0), ("sgd", 0.0), ("sgd", 0.9)]
+
+
+@pytest.mark.parametrize("kind, momentum", KINDS)
+@pytest.mark.parametrize("inactive", POLICIES)
+def test_matches_hand_written_formula(kind, momentum, inactive):
+    # float64 so the comparison with the formula is tight
+    blocks = make_blocks(1, torch.float64)
+    start = [[p.detach().clone() for p in b] for b in blocks]
+    gen = torch.Generator().manual_seed(2)
+    grads_seq = [make_grads(blocks, t, gen) for t in TRAINED]
+    expected = reference_run(kind, inactive, momentum, start, grads_seq, TRAINED)
+    opt = make_opt(blocks, kind, inactive, momentum)
+    for step, (grads, trained) in enumerate(zip(grads_seq, TRAINED)):
+        set_grads(blocks, grads)
+        opt.step(trained)
+        opt.zero_grad()
+        for ps, es in zip(blocks, expected[step]):
+            for p, e in zip(ps, es):
+                torch.testing.assert_close(p.detach(), e, rtol=0, atol=1e-12)
+    # the parameters did move, and idle blocks under momentum kept moving
+    assert not torch.equal(blocks[3][0].detach(), start[3][0])
+
+
+@pytest.mark.parametrize("kind, momentum", KINDS)
+@pytest.mark.parametrize("inactive", ["momentum", "frozen"])
+def test_matches_torch_optim_bitwise(kind, momentum, inactive):
+    """momentum == torch's optimizer fed zero gradients for idle blocks; frozen == fed None. A
+    changing LR factor (as the schedule sets it) goes along."""
+    blocks = make_blocks(3)
+    ref_params = [p.detach().clone().requires_grad_(True) for p in flat(blocks)]
+    if kind == "adamw":
+        ref = torch.optim.AdamW(ref_params, lr=LR, weight_decay=WD)
+    else:
+        ref = torch.optim.SGD(ref_params, lr=LR, momentum=momentum, weight_decay=WD)
+    opt = make_opt(blocks, kind, inactive, momentum)
+    gen = torch.Generator().manual_seed(4)
+    for step, trained in enumerate(TRAINED):
+        factor = schedule_factor("cosine", step + 1, len(TRAINED), 3)
+        opt.set_lr_factor(factor)
+        for g in ref.param_groups:
+            g["lr"] = LR * factor
+        assert opt.lr == LR * factor
+        grads = make_grads(blocks, trained, gen)
+        set_grads(blocks, grads)
+        zero = torch.zeros_like if inactive == "momentum" else (lambda p: None)
+        for p, g in zip(ref_params, [g for gs in grads for g in gs]):
+            p.grad = g.clone() if g is not None else zero(p)
+        opt.step(trained)
+        ref.step()
+        for p, r in zip(flat(blocks), ref_params):
+            assert torch.equal(p.detach(), r.detach()), step
+
+
+@pytest.mark.parametrize("kind, momentum", KINDS)
+@pytest.mark.parametrize("inactive", ["frozen", "reset"])
+def test_idle_blocks_and_their_state_untouched(kind, momentum, inactive):
+    blocks = make_blocks(5)
+    opt = make_opt(blocks, kind, inactive, momentum)
+    gen = torch.Generator().manual_seed(6)
+    for trained in TRAINED:
+        before = [p.detach().clone() for p in flat(blocks)]
+        state_before = copy.deepcopy({id(p): opt.opt.state.get(p, {}) for p in flat(blocks)})
+        set_grads(blocks, make_grads(blocks, trained, gen))
+        opt.step(trained)
+        opt.zero_grad()
+        i = 0
+        for b, ps in enumerate(blocks):
+            for p in ps:
+                if b in trained:
+                    assert not torch.equal(p.detach(), before[i])
+                else:
+                    assert torch.equal(p.detach(), before[i])
+                    st, st0 = opt.opt.state.get(p, {}), state_before[id(p)]
+                    assert st.keys() == st0.keys()
+                    for k in st:
+                        v, v0 = st[k], st0[k]
+                        assert torch.equal(v, v0) if torch.is_tensor(v) else v == v0
+                i += 1
+
+
+def test_momentum_steps_idle_blocks():
+    """The paper's implicit update: an idle block keeps moving by its decaying momentum."""
+    blocks = make_blocks(7)
+    opt = make_opt(blocks, "adamw", "momentum")
+    gen = torch.Generator().manual_seed(8)
+    set_grads(blocks, make_grads(blocks, {0, 1, 2, 3}, gen))
+    opt.step({0, 1, 2, 3})
+    before = [p.detach().clone() for p in blocks[1]]
+    set_grads(blocks, make_grads(blocks, {0}, gen))
+    opt.step({0})
+    for p, p0 in zip(blocks[1], before):
+        assert not torch.equal(p.detach(), p0)
+        assert int(opt.opt.state[p]["step"]) == 2
+
+
+@pytest.mark.parametrize("kind, momentum", [("adamw", 0.0), ("sgd", 0.9)])
+def test_reset_restarts_state_like_a_fresh_optimizer(kind, momentum):
+    """Block 0 is trained, idles, comes back: from then on it follows a fresh optimizer exactly."""
+    seq = [{0, 1}, {0}, {1}, {1, 2}, {0}, {0, 3}, {0, 1}, {0}]
+    back = 4                                           # block 0 is re-activated here
+    blocks = make_blocks(9)
+    opt = make_opt(blocks, kind, "reset", momentum)
+    gen = torch.Generator().manual_seed(10)
+    fresh = fresh_params = None
+    for step, trained in enumerate(seq):
+        grads = make_grads(blocks, trained, gen)
+        if step == back:
+            fresh_params = [p.detach().clone().requires_grad_(True) for p in blocks[0]]
+            fresh = (torch.optim.AdamW(fresh_params, lr=LR, weight_decay=WD) if kind == "adamw" else
+                     torch.optim.SGD(fresh_params, lr=LR, momentum=momentum, weight_decay=WD))
+        untouched = [p.detach().clone() for b in range(NBLOCKS) if b not in trained for p in blocks[b]]
+        set_grads(blocks, grads)
+        opt.step(trained)
+        opt.zero_grad()
+        idle = [p.detach() for b in range(NBLOCKS) if b not in trained for p in blocks[b]]
+        assert all(torch.equal(a, b) for a, b in zip(idle, untouched))
+        if kind == "adamw" and step in (0, back):
+            assert all(int(opt.opt.state[p]["step"]) == 1 for p in blocks[0])
+        if kind == "adamw" and step == back - 1:
+            assert all(int(opt.opt.state[p]["step"]) == 2 for p in blocks[0])   # kept while idle
+        if fresh is not None:
+            for p, g in zip(fresh_params, grads[0]):
+                p.grad = g.clone()
+            fresh.step()
+            for p, f in zip(blocks[0], fresh_params):
+                assert torch.equal(p.detach(), f.detach()), step
+
+
+def test_reset_is_a_fresh_state_not_a_continued_one():
+    """Guard the test above: without the reset, the re-activated block would differ."""
+    seq = [{0}, {0}, {1}, {0}]
+    out = {}
+    for inactive in ("reset", "frozen"):
+        blocks = make_blocks(11)
+        opt = make_opt(blocks, "adamw", inactive)
+        gen = torch.Generator().manual_seed(12)
+        for trained in seq:
+            set_grads(blocks, make_grads(blocks, trained, gen))
+            opt.step(trained)
+        out[inactive] = blocks[0][0].detach().clone()
+    assert not torch.equal(out["reset"], out["frozen"])
+
+
+@pytest.mark.parametrize("kind, momentum", KINDS)
+@pytest.mark.parametrize("inactive", POLICIES)
+def test_state_dict_round_trip_continues_identically(kind, momentum, inactive):
+    blocks = make_blocks(13)
+    opt = make_opt(blocks, kind, inactive, momentum)
+    gen = torch.Generator().manual_seed(14)
+    for trained in TRAINED[:5]:
+        set_grads(blocks, make_grads(blocks, trained, gen))
+        opt.step(trained)
+        opt.zero_grad()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    blocks2 = clone_blocks(blocks)
+    opt2 = make_opt(blocks2, kind, inactive, momentum, lr=1.0)   # lr comes from the state
+    opt2.load_state_dict(torch.load(buf))
+    assert opt2.lr == opt.lr
+    for trained in TRAINED[5:]:
+        grads = make_grads(blocks, trained, gen)
+        for bs, o in ((blocks, opt), (blocks2, opt2)):
+            set_grads(bs, grads)
+            o.step(trained)
+            o.zero_grad()
+        for p, q in zip(flat(blocks), flat(blocks2)):
+            assert torch.equal(p.detach(), q.detach())
+
+
+# ---- errors -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw", [dict(lr=0.0), dict(lr=-1e-3), dict(lr=1e-3, inactive="sleepy"),
+                                dict(lr=1e-3, kind="lion")])
+def test_bad_arguments_raise_user_error(kw):
+    with pytest.raises(UserError):
+        BlockOptimizer(make_blocks(), **kw)
+
+
+# ---- schedules --------------------------------------------------------------------------------
+
+def formula(kind, step, total, warmup):
+    if step < warmup:
+        return step / warmup
+    # after warmup: constant 1; linear from 1 at `warmup` down to 0 at `total`; half a cosine wave
+    span = max(1, total - warmup)
+    return {"constant": 1.0, "linear": max(0.0, (total - step) / span),
+            "cosine": max(0.0, 0.5 * (1 + math.cos(math.pi * (step - warmup) / span)))}[kind]
+
+
+HF = {
+    "constant": lambda o, w, t: get_constant_schedule_with_warmup(o, w),
+    "linear": get_linear_schedule_with_warmup,
+    "cosine": get_cosine_schedule_with_warmup,
+}
+
+
+@pytest.mark.parametrize("kind", ["constant", "linear", "cosine"])
+@pytest.mark.parametrize("total, warmup", [(1, 0), (10, 0), (10, 1), (37, 5), (20, 20), (8, 3)])
+def test_schedule_matches_formula_and_transformers(kind, total, warmup):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = HF[kind](opt, warmup, total)
+    for step in range(total + 3):                    # a few past the end too
+        ours = schedule_factor(kind, step, total, warmup)
+        assert ours == pytest.approx(formula(kind, step, total, warmup), abs=1e-12)
+        assert ours == pytest.approx(sched.lr_lambdas[0](step), abs=1e-12)
+        assert ours == pytest.approx(sched.get_last_lr()[0], abs=1e-12)
+        opt.step()
+        sched.step()
+
+
+def test_unknown_schedule_raises_even_during_warmup():
+    for step in (0, 3, 10):
+        with pytest.raises(UserError):
+            schedule_factor("exponential", step, 10, 5)
+
+
+# ---- clipping ---------------------------------------------------------------------------------
+
+def test_clip_grad_norm_clips_global_norm():
+    gen = torch.Generator().manual_seed(15)
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in [(4, 3), (7,), (2, 2)]]
+    for p in params[:2]:
+        p.grad = torch.randn(p.shape, generator=gen) * 3
+    params[2].grad = None                              # absent gradients are ignored
+    grads0 = [p.grad.clone() for p in params[:2]]
+    norm = math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads0))
+
+    assert clip_grad_norm(params, 1e9) == pytest.approx(norm, rel=1e-6)     # no clipping
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, grads0))
+
+    assert clip_grad_norm(params, 0.0) == pytest.approx(norm, rel=1e-6)     # <= 0: report only
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, grads0))
+
+    max_norm = norm / 4
+    assert clip_grad_norm(params, max_norm) == pytest.approx(norm, rel=1e-6)
+    new = math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in params[:2]))
+    assert new == pytest.approx(max_norm, rel=1e-5)
+    for p, g in zip(params, grads0):                  # one common factor, direction kept
+        torch.testing.assert_close(p.grad, g * (max_norm / norm), rtol=1e-5, atol=1e-7)
+    assert params[2].grad is None
+
+
+def test_clip_grad_norm_without_gradients():
+    assert clip_grad_norm([torch.nn.Parameter(torch.zeros(3))], 1.0) == 0.0
