@@ -100,9 +100,11 @@ def _has_dropout(block) -> bool:
                for m in block.modules())
 
 
-def head_loss_and_grad(model: CausalLM, hn: torch.Tensor, targets: torch.Tensor, chunk: int = VOCAB_CHUNK):
+def head_loss_and_grad(model: CausalLM, hn: torch.Tensor, targets: torch.Tensor, chunk: int | None = None):
     """Cross-entropy summed over rows of hn [T, H] with targets [T], and d(sum)/d(hn), in one pass
-    over vocabulary chunks (online softmax). Returns (loss_sum, grad_hn [T, H])."""
+    over vocabulary chunks (online softmax) of `chunk` rows, VOCAB_CHUNK unless given (read at call
+    time, so it can be changed). Returns (loss_sum, grad_hn [T, H])."""
+    chunk = chunk or VOCAB_CHUNK
     W = model.head_weight()
     V = W.shape[0]
     cap = model.config.final_softcap

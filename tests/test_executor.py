@@ -1,0 +1,449 @@
+"""The training step (lcsb.engine.executor) against autograd oracles, for every family.
+
+The oracle is transformers + PEFT: a tiny random checkpoint (tests/hf.py) with a LoRA adapter whose
+A and B are both random and non-zero, saved in PEFT's layout and loaded into lcsb. Then
+`lcsb.lora_gradients` must give
+
+- with every block `train`: transformers' loss and PEFT's autograd gradients;
+- with `skip` blocks: autograd gradients of the same model whose skipped decoder layers return
+  h + (layer(h) - h).detach() (LCSB's surrogate: the gradient passes by the residual identity);
+- with `through` blocks: the exact gradients for the trained blocks;
+- quantized: autograd gradients of the transformers model holding the dequantized weights;
+
+and it must decompress each visited block exactly once per pass, never touch skipped blocks or
+blocks below the lowest trained one in the backward, keep the loss independent of the roles, give
+the same numbers with disk checkpoints, replay LoRA dropout masks, and handle the Gemma final
+softcap over many vocabulary chunks.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import zlib
+
+import peft
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hf
+import lcsb
+from lcsb.engine import executor
+from lcsb.model.core import Embedding, Linear
+from lcsb.quant import formats
+
+FAMILIES = ["llama", "qwen2", "qwen3", "gemma3"]
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+N = 4                  # decoder layers of the tiny models: enough for role patterns
+B, S = 2, 12           # batch and sequence (S > gemma3's sliding window of 5 in tests/hf.py)
+GROUP = 32             # int4 / nf4 group: divides every input width (64, 96) of the tiny models
+TOL = 1e-5
+TOL_QUANT = 1e-4
+
+# peft asks transformers a deprecated question; not ours to answer
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
+
+# role patterns with a skip or through somewhere; each block index < N
+PATTERNS = [
+    ["train", "skip", "train", "skip"],
+    ["skip", "skip", "train", "skip"],
+    ["skip", "train", "skip", "train"],
+    ["train", "through", "through", "train"],
+    ["through", "train", "through", "skip"],      # a through block below the lowest train block
+    ["skip", "through", "train", "through"],
+    ["train", "skip", "through", "train"],
+    ["skip", "skip", "skip", "train"],
+]
+NO_TRAIN = [["skip"] * N, ["through"] * N, ["through", "skip", "through", "skip"]]
+
+
+def _ids(roles):
+    return "-".join(r[:2] for r in roles)
+
+
+# ----------------------------------------------------------------------------------------------
+# fixtures: checkpoints, adapters and PEFT oracles are built once per module
+
+
+class Zoo:
+    """Tiny checkpoints with a random PEFT adapter, and the PEFT models they came from."""
+
+    def __init__(self, root):
+        self.root = root
+        self.setups = {}
+        self.models = {}
+
+    def setup(self, family: str, **over):
+        key = (family, tuple(sorted(over.items())))
+        if key not in self.setups:
+            tag = family + "".join(f"-{k}{v}" for k, v in sorted(over.items()))
+            folder, adapter = self.root / tag, self.root / f"{tag}-adapter"
+            seed = zlib.crc32(family.encode()) % 1000     # same weights whatever the overrides
+            base = hf.make(family, folder, seed=seed, num_hidden_layers=N, **over)
+            torch.manual_seed(seed + 1)
+            cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(TARGETS), init_lora_weights=False)
+            model = peft.get_peft_model(base, cfg)   # A and B keep nn.Linear's random init: both non-zero
+            model.eval()
+            model.save_pretrained(adapter)
+            self.setups[key] = (folder, adapter, model)
+        return self.setups[key]
+
+    def ours(self, family: str, quant: str | None = None, **over):
+        """The lcsb model with the adapter loaded (cached: lora_gradients leaves it unchanged)."""
+        key = (family, quant, tuple(sorted(over.items())))
+        if key not in self.models:
+            folder, adapter, _ = self.setup(family, **over)
+            self.models[key] = lcsb.load_model(folder, adapter=adapter, quant=quant, group_size=GROUP)
+        return self.models[key]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These tensors are tiny: intra-op threads only add synchronisation (30x slower on a busy box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    return Zoo(tmp_path_factory.mktemp("executor"))
+
+
+@pytest.fixture
+def seed(request):
+    """A different, reproducible seed for every test."""
+    return zlib.crc32(request.node.nodeid.encode())
+
+
+def batch(seed: int, vocab: int = 96):
+    """Random ids [B, S] and labels aligned with them: a masked prompt prefix of a different length
+    in each row and one masked token in the middle of the first."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (B, S), generator=g)
+    labels = ids.clone()
+    for r in range(B):
+        labels[r, : int(torch.randint(1, 6, (1,), generator=g))] = -100
+    labels[0, 8] = -100
+    return ids, labels
+
+
+# ----------------------------------------------------------------------------------------------
+# oracles
+
+
+def _surrogate(module, args, kwargs, out):
+    """LCSB's skipped block: forward unchanged, backward the identity."""
+    h = args[0] if args else kwargs["hidden_states"]
+    if isinstance(out, tuple):
+        return (h + (out[0] - h).detach(),) + tuple(out[1:])
+    return h + (out - h).detach()
+
+
+def _surrogate_ours(module, args, out):
+    h = args[0]
+    return h + (out - h).detach()
+
+
+def layer_of(key: str) -> int:
+    return int(re.search(r"\.layers\.(\d+)\.", key).group(1))
+
+
+def peft_oracle(model, ids, labels, skip=()):
+    """transformers + PEFT loss and LoRA gradients (PEFT keys as saved), with the LCSB surrogate on
+    the decoder layers in `skip`."""
+    layers = model.get_base_model().model.layers
+    handles = [layers[i].register_forward_hook(_surrogate, with_kwargs=True) for i in skip]
+    params = {n.replace(".default", ""): p for n, p in model.named_parameters() if "lora_" in n}
+    try:
+        out = model(input_ids=ids, labels=labels)
+        grads = torch.autograd.grad(out.loss, list(params.values()), allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+    return out.loss.item(), {k: g for k, g in zip(params, grads) if g is not None}
+
+
+def own_oracle(model, ids, labels, skip=()):
+    """Plain autograd on lcsb's own forward (model(ids) logits + cross-entropy on shifted labels)."""
+    handles = [model.model.layers[i].register_forward_hook(_surrogate_ours) for i in skip]
+    params = model.lora_parameters()
+    try:
+        logits = model(ids)
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                               ignore_index=-100)
+        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+    return loss.item(), {k: g for k, g in zip(params, grads) if g is not None}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def check_grads(got: dict, ref: dict, roles, tol: float, all_keys):
+    """`got` holds exactly the LoRA keys of the train blocks, each within `tol` of `ref`."""
+    want = {k for k in all_keys if roles[layer_of(k)] == "train"}
+    assert set(got) == want, f"keys beyond/missing: {sorted(set(got) ^ want)[:4]}"
+    assert len(want) == 2 * len(TARGETS) * roles.count("train")
+    for k in want:
+        assert ref[k].norm() > 0, k
+        e = rel(got[k], ref[k])
+        assert e < tol, f"{k}: relative error {e:.2e}"
+
+
+def dequantized_oracle(zoo, family, ours):
+    """A copy of the PEFT model whose base weights are lcsb's dequantized ones."""
+    _, _, model = zoo.setup(family)
+    model = copy.deepcopy(model)
+    base = model.get_base_model()
+    with torch.no_grad():
+        for name, m in ours.named_modules():
+            if isinstance(m, (Linear, Embedding)):
+                target = base.get_submodule(name)
+                target = getattr(target, "base_layer", target)
+                assert target.weight.shape == m.weight.shape, name
+                target.weight.copy_(m.weight.dequantize())
+    if ours.lm_head is None:
+        assert base.lm_head.weight is base.model.embed_tokens.weight
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. every block train: transformers + PEFT loss and gradients
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_all_train_matches_peft(zoo, family, seed):
+    ours = zoo.ours(family)
+    _, _, oracle = zoo.setup(family)
+    ids, labels = batch(seed)
+    roles = ["train"] * N
+    loss, grads = lcsb.lora_gradients(ours, ids, labels, roles)
+    ref_loss, ref = peft_oracle(oracle, ids, labels)
+    assert abs(loss - ref_loss) / ref_loss < TOL
+    check_grads(grads, ref, roles, TOL, ours.lora_parameters())
+    assert all(p.grad is None for p in ours.lora_parameters().values())   # .grad left untouched
+
+
+# ----------------------------------------------------------------------------------------------
+# 2, 3. skip blocks follow the LCSB surrogate, through blocks keep the gradient exact
+
+
+@pytest.mark.parametrize("roles", PATTERNS, ids=_ids)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_roles_match_surrogate(zoo, family, roles, seed):
+    ours = zoo.ours(family)
+    _, _, oracle = zoo.setup(family)
+    ids, labels = batch(seed)
+    loss, grads = lcsb.lora_gradients(ours, ids, labels, roles)
+    skip = [i for i, r in enumerate(roles) if r == "skip"]
+    ref_loss, ref = peft_oracle(oracle, ids, labels, skip)
+    assert abs(loss - ref_loss) / ref_loss < TOL
+    check_grads(grads, ref, roles, TOL, ours.lora_parameters())
+    if not skip:
+        # through only: the trained blocks get the exact (all-train) gradients
+        _, exact = peft_oracle(oracle, ids, labels)
+        for k in grads:
+            assert rel(grads[k], exact[k]) < TOL, k
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_skip_changes_gradients(zoo, family, seed):
+    """The surrogate is not the exact gradient (else the skip tests would prove little)."""
+    ours = zoo.ours(family)
+    ids, labels = batch(seed)
+    _, exact = lcsb.lora_gradients(ours, ids, labels, ["train"] * N)
+    _, skipped = lcsb.lora_gradients(ours, ids, labels, ["train", "skip", "skip", "train"])
+    k0 = [k for k in skipped if layer_of(k) == 0]
+    assert k0 and all(rel(skipped[k], exact[k]) > 1e-3 for k in k0)
+    k3 = [k for k in skipped if layer_of(k) == 3]                         # top block: exact anyway
+    assert k3 and all(rel(skipped[k], exact[k]) < TOL for k in k3)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. quantized: autograd on the dequantized transformers model
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4", "nf4"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_quantized_matches_dequantized_autograd(zoo, family, quant, seed):
+    ours = zoo.ours(family, quant)
+    assert all(m.weight.fmt == quant for m in ours.modules() if isinstance(m, (Linear, Embedding)))
+    oracle = dequantized_oracle(zoo, family, ours)
+    ids, labels = batch(seed)
+    for roles in (["train"] * N, ["train", "skip", "through", "train"]):
+        loss, grads = lcsb.lora_gradients(ours, ids, labels, roles)
+        skip = [i for i, r in enumerate(roles) if r == "skip"]
+        ref_loss, ref = peft_oracle(oracle, ids, labels, skip)
+        assert abs(loss - ref_loss) / ref_loss < TOL_QUANT
+        check_grads(grads, ref, roles, TOL_QUANT, ours.lora_parameters())
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. decompression once per visited block per pass; skipped / low blocks never touched
+
+
+@pytest.mark.parametrize("roles", [["train"] * N] + PATTERNS[:5] + NO_TRAIN, ids=_ids)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_decompression_counts(zoo, family, roles, seed, monkeypatch):
+    ours = zoo.ours(family, "int8")
+    layers = ours.model.layers
+    index = {id(b): i for i, b in enumerate(layers)}
+    per_block = sum(isinstance(m, Linear) for m in layers[0].modules())
+    assert per_block == 7
+    trained = [i for i, r in enumerate(roles) if r == "train"]
+    low = trained[0] if trained else N
+    visit = [i for i in range(low, N) if roles[i] != "skip"]
+
+    calls = []
+    real = executor.materialized
+
+    def spy(module, *a, **k):
+        calls.append(index[id(module)])
+        return real(module, *a, **k)
+
+    monkeypatch.setattr(executor, "materialized", spy)
+    runs = [0] * N
+    hooks = [b.register_forward_pre_hook(lambda m, a, i=i: runs.__setitem__(i, runs[i] + 1))
+             for i, b in enumerate(layers)]
+    ids, labels = batch(seed)
+    try:
+        before = formats.STATS["dequantize"]
+        lcsb.lora_gradients(ours, ids, labels, roles)
+        count = formats.STATS["dequantize"] - before
+    finally:
+        for h in hooks:
+            h.remove()
+    assert count == per_block * (N + len(visit))
+    assert calls[:N] == list(range(N))                       # forward: every block once, in order
+    assert calls[N:] == visit[::-1]                          # backward: visited blocks, top down
+    assert runs == [1 + (i in visit) for i in range(N)]      # skipped and low blocks never recomputed
+    assert all(m.cached is None for m in ours.modules() if isinstance(m, Linear))
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. disk checkpoints give the same numbers as RAM ones
+
+
+@pytest.mark.parametrize("roles", [["train"] * N, ["skip", "train", "through", "skip"]], ids=_ids)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_disk_activations_match_ram(zoo, family, roles, seed):
+    ours = zoo.ours(family)
+    ids, labels = batch(seed)
+    loss_ram, ram = lcsb.lora_gradients(ours, ids, labels, roles, activations="ram")
+    loss_disk, disk = lcsb.lora_gradients(ours, ids, labels, roles, activations="disk")
+    assert loss_disk == loss_ram
+    assert set(disk) == set(ram) and ram
+    for k in ram:
+        assert torch.allclose(disk[k], ram[k], rtol=0, atol=1e-7), k
+
+
+def test_bad_activations_refused(zoo, seed):
+    ids, labels = batch(seed)
+    with pytest.raises(lcsb.UserError, match="activations"):
+        lcsb.lora_gradients(zoo.ours("llama"), ids, labels, ["train"] * N, activations="gpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. the loss does not depend on the roles
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_loss_independent_of_roles(zoo, family, seed):
+    ours = zoo.ours(family)
+    ids, labels = batch(seed)
+    losses = set()
+    for roles in [["train"] * N] + PATTERNS + NO_TRAIN:
+        loss, grads = lcsb.lora_gradients(ours, ids, labels, roles)
+        losses.add(loss)
+        if "train" not in roles:
+            assert grads == {}
+    assert len(losses) == 1
+
+
+def test_bad_roles_and_empty_batch(zoo, seed):
+    ours = zoo.ours("llama")
+    ids, labels = batch(seed)
+    with pytest.raises(ValueError):
+        lcsb.lora_gradients(ours, ids, labels, ["train"] * (N - 1))
+    with pytest.raises(ValueError):
+        lcsb.lora_gradients(ours, ids, labels, ["train", "freeze", "train", "train"])
+    with pytest.raises(lcsb.UserError, match="-100"):
+        lcsb.lora_gradients(ours, ids, torch.full_like(labels, -100), ["train"] * N)
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. LoRA dropout: the recompute replays the forward's masks
+
+
+@pytest.mark.parametrize("roles", [["train"] * N, ["train", "skip", "through", "train"]], ids=_ids)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dropout_masks_replayed(zoo, family, roles, seed):
+    folder, _, _ = zoo.setup(family)
+    ours = lcsb.load_model(folder, lora=lcsb.LoraConfig(rank=4, alpha=8, dropout=0.3))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for k, p in ours.lora_parameters().items():
+            if ".lora_B." in k:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    ours.train()
+    ids, labels = batch(seed)
+    skip = [i for i, r in enumerate(roles) if r == "skip"]
+
+    torch.manual_seed(seed)
+    loss, grads = lcsb.lora_gradients(ours, ids, labels, roles)
+    torch.manual_seed(seed)
+    ref_loss, ref = own_oracle(ours, ids, labels, skip)
+    assert abs(loss - ref_loss) / ref_loss < TOL
+    check_grads(grads, ref, roles, TOL, ours.lora_parameters())
+
+    # dropout is really active: another seed draws other masks, eval mode none
+    torch.manual_seed(seed + 1)
+    _, other = own_oracle(ours, ids, labels, skip)
+    assert max(rel(other[k], ref[k]) for k in grads) > 1e-2
+    ours.eval()
+    torch.manual_seed(seed)
+    assert abs(lcsb.lora_gradients(ours, ids, labels, roles)[0] - loss) > 1e-6
+
+
+# ----------------------------------------------------------------------------------------------
+# 9. the head: Gemma's final softcap, and a vocabulary spread over many chunks
+
+
+@pytest.mark.parametrize("family,softcap", [("llama", None), ("qwen2", None), ("qwen3", None),
+                                            ("gemma3", None), ("gemma3", 5.0), ("gemma3", 0.5)])
+def test_head_chunks_and_softcap(zoo, family, softcap, seed, monkeypatch):
+    over = {} if softcap is None else {"final_logit_softcapping": softcap}
+    ours = zoo.ours(family, **over)
+    _, _, oracle = zoo.setup(family, **over)
+    assert ours.config.final_softcap == softcap
+    monkeypatch.setattr(executor, "VOCAB_CHUNK", 7)
+    W = ours.head_weight()
+    seen = []
+    real_rows = type(W).rows
+
+    def rows(self, ids, dtype=torch.float32):
+        if self is W:
+            seen.append(ids.clone())
+        return real_rows(self, ids, dtype)
+
+    monkeypatch.setattr(type(W), "rows", rows)
+    ids, labels = batch(seed)
+    for roles in (["train"] * N, ["skip", "train", "skip", "through"]):
+        seen.clear()
+        loss, grads = lcsb.lora_gradients(ours, ids, labels, roles)
+        chunks = [i for i in seen if i.dim() == 1 and torch.equal(i, torch.arange(int(i[0]), int(i[0]) + len(i)))]
+        assert [len(c) for c in chunks] == [7] * (96 // 7) + [96 % 7]     # the head walked 14 chunks
+        skip = [i for i, r in enumerate(roles) if r == "skip"]
+        ref_loss, ref = peft_oracle(oracle, ids, labels, skip)
+        assert abs(loss - ref_loss) / ref_loss < TOL
+        check_grads(grads, ref, roles, TOL, ours.lora_parameters())
+    if softcap is not None:
+        # the cap matters (same weights without it): its gradients differ by far more than TOL
+        _, plain = peft_oracle(zoo.setup(family)[2], ids, labels, skip)
+        assert max(rel(plain[k], ref[k]) for k in grads) > 100 * TOL
