@@ -447,3 +447,37 @@ def test_head_chunks_and_softcap(zoo, family, softcap, seed, monkeypatch):
         # the cap matters (same weights without it): its gradients differ by far more than TOL
         _, plain = peft_oracle(zoo.setup(family)[2], ids, labels, skip)
         assert max(rel(plain[k], ref[k]) for k in grads) > 100 * TOL
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("quant", [None, "int4"])
+def test_recompute_off_keeps_graphs_with_the_same_result(tmp_path, family, quant):
+    """recompute=False keeps visited blocks' forward graphs: same loss and gradients as recomputing,
+    and no more decompressions than the recompute pass."""
+    from lcsb.engine.executor import run_step
+    from lcsb.quant.formats import STATS
+
+    torch.manual_seed(11)
+    hf.make(family, tmp_path, num_hidden_layers=4)
+    model = lcsb.load_model(tmp_path, quant=quant, group_size=16, lora=lcsb.LoraConfig(rank=4))
+    with torch.no_grad():
+        for k, p in model.lora_parameters().items():
+            p.normal_(0, 0.1)
+    ids = torch.randint(0, 96, (2, 12))
+    labels = ids.clone()
+    labels[0, :4] = -100
+    for roles in (["train"] * 4, ["skip", "train", "through", "train"], ["skip", "skip", "train", "skip"]):
+        got = []
+        for recompute in (True, False):
+            for p in model.lora_parameters().values():
+                p.grad = None
+            before = STATS["dequantize"]
+            res = run_step(model, ids, labels, roles, recompute=recompute)
+            grads = {k: p.grad.clone() for k, p in model.lora_parameters().items() if p.grad is not None}
+            got.append((res.loss, grads, STATS["dequantize"] - before))
+        (loss_on, g_on, n_on), (loss_off, g_off, n_off) = got
+        assert loss_on == loss_off
+        assert set(g_on) == set(g_off) and g_on
+        for k in g_on:
+            torch.testing.assert_close(g_off[k], g_on[k], rtol=1e-6, atol=1e-8)
+        assert n_off <= n_on

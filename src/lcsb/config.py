@@ -230,6 +230,8 @@ class TrainConfig:
     # the engine (DESIGN section 3)
     quant: str = _opt(None, "compress base weights on load (default: keep the checkpoint's)", choices=("int8", "int4", "nf4"))
     group_size: int = _opt(64, "int4/nf4 group size (32, 64, 128)")
+    recompute: str = _opt("on", "on: recompute trained blocks in backward (least memory); off: keep their forward "
+                                "graphs (faster, more memory)", choices=("on", "off"))
     activations: str = _opt("ram", "where block checkpoints live (disk: a memory-mapped file)", choices=("ram", "disk"))
     # LoRA (DESIGN section 5)
     rank: int = _opt(16, "LoRA rank")

@@ -31,9 +31,10 @@ from safetensors.torch import load_file, save_file
 
 from . import data as datalib
 from .config import LoraConfig, TrainConfig
-from .engine.executor import block_lora_params, eval_step, run_step
+from .engine.executor import block_lora_params, run_step
 from .engine.selection import Selection
 from .errors import UserError
+from .evaluate import evaluate
 from .lora import save_adapter
 from .model import load_config, load_model
 from .model.tokenizer import load_tokenizer
@@ -182,19 +183,6 @@ class Batches:
         return next(self._it)
 
 
-def evaluate(model, examples, batch_size: int, max_batches: int, pad_id: int) -> dict:
-    """Loss, perplexity and token accuracy over (the first max_batches batches of) `examples`."""
-    loss_sum = n = correct = 0
-    # a fixed seeded order: with max_batches, every evaluation scores the same subset
-    for i, (ids, labels) in enumerate(datalib.batches(examples, batch_size, seed=0, epoch=0, pad_token_id=pad_id)):
-        if max_batches and i >= max_batches:
-            break
-        ls, c, k = eval_step(model, ids, labels)
-        loss_sum, n, correct = loss_sum + ls, n + c, correct + k
-    loss = loss_sum / max(n, 1)
-    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "accuracy": correct / max(n, 1), "tokens": n}
-
-
 class _Interrupt:
     """SIGINT / SIGTERM: finish the current step, checkpoint, exit."""
 
@@ -284,6 +272,11 @@ def train(cfg: TrainConfig, sources: dict[str, str] | None = None, quiet: bool =
     cfg = resolve(cfg)
     run = Path(cfg.out)
     check_options(cfg)
+    if not cfg.resume and latest_checkpoint(run) is not None:
+        # a fresh run must not share checkpoints/ with an earlier one: pruning by name could delete the new
+        # run's checkpoints and --resume would then continue the old run
+        raise UserError(f"{run} holds the checkpoints of an earlier run; continue it with --resume {run}, "
+                        "or choose another --out")
     if sources:
         say("config: " + ", ".join(f"{k}={getattr(cfg, k)!r} ({src})" for k, src in sources.items()
                                    if src != "default"))
@@ -317,7 +310,7 @@ def train(cfg: TrainConfig, sources: dict[str, str] | None = None, quiet: bool =
                          inactive=cfg.inactive)
     micro_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     total = cfg.steps or max(1, int(cfg.epochs * micro_per_epoch / cfg.grad_accum))
-    if cfg.dropout > 0:
+    if model.lora_config.dropout > 0:    # the adapter's own dropout when one is loaded, not --dropout
         model.train()
 
     pos, stats = Position(), {"skipped_nonfinite": 0}
@@ -334,15 +327,17 @@ def train(cfg: TrainConfig, sources: dict[str, str] | None = None, quiet: bool =
     if pos.step >= total:
         say(f"nothing to do: the run is at step {pos.step} of {total}")
 
+    history, eval_history = [], []
+    if cfg.resume:
+        # drop log lines past the checkpoint (and a line cut short by a kill), so the log reads as one
+        # uninterrupted run; the curves of the plot start from the kept lines
+        kept = _read_log(run / "log.jsonl", pos.step)
+        (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+        history = [(r["step"], r["loss"]) for r in kept if "loss" in r]
+        eval_history = [(r["step"], r["eval_loss"]) for r in kept if "eval_loss" in r]
     log = open(run / "log.jsonl", "a")
-    if cfg.resume:   # drop log lines past the checkpoint, so the log reads as one uninterrupted run
-        log.close()
-        lines = [l for l in (run / "log.jsonl").read_text().splitlines() if json.loads(l).get("step", 0) <= pos.step]
-        (run / "log.jsonl").write_text("".join(l + "\n" for l in lines))
-        log = open(run / "log.jsonl", "a")
     writer = _tensorboard(run)
     batches = Batches(train_set, cfg.batch_size, cfg.seed, pos, tok.pad_token_id)
-    history, eval_history = [], []
     bar = _progress(total, pos.step, quiet)
     last_ckpt = latest_checkpoint(run)
     eval_result = None
@@ -365,7 +360,8 @@ def train(cfg: TrainConfig, sources: dict[str, str] | None = None, quiet: bool =
             loss_sum, tokens = 0.0, 0
             for _ in range(cfg.grad_accum):
                 ids, labels = batches.next()
-                res = run_step(model, ids, labels, roles, cfg.activations, loss_scale=1.0 / cfg.grad_accum)
+                res = run_step(model, ids, labels, roles, cfg.activations, loss_scale=1.0 / cfg.grad_accum,
+                               recompute=cfg.recompute == "on")
                 loss_sum += res.loss / cfg.grad_accum
                 tokens += int(ids.numel())
             gnorm = clip_grad_norm(opt.params, cfg.clip)
@@ -412,6 +408,21 @@ def train(cfg: TrainConfig, sources: dict[str, str] | None = None, quiet: bool =
     if writer:
         writer.close()
     return TrainResult(run, pos.step, history[-1][1] if history else None, eval_result, interrupted)
+
+
+def _read_log(path: Path, last_step: int) -> list[dict]:
+    """The records of a run's log.jsonl up to `last_step`; a torn line (the process was killed while
+    writing it) is dropped."""
+    kept = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(r, dict) and r.get("step", 0) <= last_step:
+                kept.append(r)
+    return kept
 
 
 def _eval_and_log(model, valid, cfg, tok, pos, log, writer, eval_history, say):

@@ -142,9 +142,14 @@ def head_loss_and_grad(model: CausalLM, hn: torch.Tensor, targets: torch.Tensor,
 
 
 def run_step(model: CausalLM, input_ids: torch.Tensor, labels: torch.Tensor, roles, activations: str = "ram",
-             loss_scale: float = 1.0) -> StepResult:
+             loss_scale: float = 1.0, recompute: bool = True) -> StepResult:
     """One forward and selective backward. LoRA gradients of `train` blocks are *accumulated* into
-    `.grad` (scaled by loss_scale, for gradient accumulation); returns the unscaled mean loss."""
+    `.grad` (scaled by loss_scale, for gradient accumulation); returns the unscaled mean loss.
+
+    recompute=False keeps the forward graph of every visited block instead of recomputing it in
+    backward: it trades the memory of those blocks' activations for one block forward each. The
+    base weights are not kept in float: each Linear saves its compressed weight for backward and
+    decompresses it there (`core._CompressedLinearFn`), so decompressions per pass stay the same."""
     layers = model.model.layers
     n = len(layers)
     roles = validate_roles(roles, n)
@@ -165,12 +170,19 @@ def run_step(model: CausalLM, input_ids: torch.Tensor, labels: torch.Tensor, rol
         raise UserError("a batch has no tokens to learn from (every label is -100); check the loss masking of the data")
 
     t0 = time.perf_counter()
-    ckpt = _Checkpoints(activations, len(visit), (B, S, model.config.hidden_size), model.dtype)
-    rng_states = {}
+    ckpt = _Checkpoints(activations, len(visit) if recompute else 0, (B, S, model.config.hidden_size), model.dtype)
+    rng_states, graphs = {}, {}
     with torch.no_grad():
         h = model.embed(input_ids)
         ctx = model.context(0, S, dev)
         for i, block in enumerate(layers):
+            if i in visit_set and not recompute:
+                x = h.detach().requires_grad_(i > low)
+                with torch.enable_grad():
+                    out = block(x, ctx)
+                graphs[i] = (x, out)
+                h = out.detach()
+                continue
             if i in visit_set:
                 ckpt.put(i, h)
                 if _has_dropout(block):
@@ -196,17 +208,20 @@ def run_step(model: CausalLM, input_ids: torch.Tensor, labels: torch.Tensor, rol
 
     for i in reversed(visit):
         block = layers[i]
-        x = ckpt.get(i)
         params = block_lora_params(block) if roles[i] == "train" else []
         need_input_grad = i > low
-        x.requires_grad_(need_input_grad)
-        fork = torch.random.fork_rng(devices=[]) if i in rng_states else contextlib.nullcontext()
-        with fork, materialized(block, model.dtype, timings), torch.enable_grad():
-            if i in rng_states:
-                torch.set_rng_state(rng_states[i])
-            out = block(x, ctx)
-            inputs = ([x] if need_input_grad else []) + params
-            grads = torch.autograd.grad(out, inputs, g)
+        if i in graphs:
+            x, out = graphs.pop(i)
+            grads = torch.autograd.grad(out, ([x] if need_input_grad else []) + params, g)
+        else:
+            x = ckpt.get(i)
+            x.requires_grad_(need_input_grad)
+            fork = torch.random.fork_rng(devices=[]) if i in rng_states else contextlib.nullcontext()
+            with fork, materialized(block, model.dtype, timings), torch.enable_grad():
+                if i in rng_states:
+                    torch.set_rng_state(rng_states[i])
+                out = block(x, ctx)
+                grads = torch.autograd.grad(out, ([x] if need_input_grad else []) + params, g)
         if need_input_grad:
             g, grads = grads[0], grads[1:]
         for p, gp in zip(params, grads):

@@ -1,0 +1,131 @@
+"""The reference workload of DESIGN section 10: the Qwen2.5-0.5B shape with random weights.
+
+`build(...)` makes the model directly in lcsb's formats, one weight at a time, so building it never
+holds the float model; `run_config(...)` times training steps of one configuration in this
+process and returns its numbers (the benchmark scripts call it in a fresh subprocess per
+configuration, so peak RSS is that configuration's own).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from datetime import date
+
+import torch
+
+from lcsb.config import LoraConfig, RawConfig
+from lcsb.engine.executor import block_lora_params, run_step
+from lcsb.engine.selection import Selection
+from lcsb.lora import add_lora
+from lcsb.model import qwen2
+from lcsb.model.core import CausalLM, Embedding, Linear
+from lcsb.optim import BlockOptimizer
+from lcsb.quant.formats import quantize
+
+QWEN25_05B = dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                  num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                  max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                  tie_word_embeddings=True)
+
+
+def build(layers: int = 24, quant: str | None = "int4", group_size: int = 64, rank: int = 16, seed: int = 0,
+          **over) -> CausalLM:
+    raw = dict(QWEN25_05B, num_hidden_layers=layers, **over)
+    cfg = qwen2.parse_config(RawConfig(raw, "<qwen2.5-0.5b shape>"))
+    with torch.device("meta"):
+        model = CausalLM(cfg, qwen2.Block)
+    g = torch.Generator().manual_seed(seed)
+    for name, m in model.named_modules():
+        if isinstance(m, (Linear, Embedding)):
+            rows, cols = (m.out_features, m.in_features) if isinstance(m, Linear) else \
+                (m.num_embeddings, m.embedding_dim)
+            w = torch.randn(rows, cols, generator=g) * 0.02
+            m.weight = quantize(w, quant, group_size)
+            del w
+    for name, p in list(model.named_parameters()):
+        mod, _, attr = name.rpartition(".")
+        t = torch.ones(p.shape) if "norm" in attr or "norm" in mod else torch.randn(p.shape, generator=g) * 0.02
+        model.get_submodule(mod)._parameters[attr] = torch.nn.Parameter(t, requires_grad=False)
+    add_lora(model, LoraConfig(rank=rank, alpha=2 * rank))
+    with torch.no_grad():   # non-zero B, as after some training, so every gradient path is exercised
+        for k, p in model.lora_parameters().items():
+            if "lora_B" in k:
+                p.normal_(0, 0.01, generator=g)
+    model.quant = quant
+    return model
+
+
+def parse_method(spec: str) -> Selection:
+    """'full', 'lcsb:4', 'lcsb:4:strided', 'lcsb-exact:4', 'lisa:2', 'badam', 'freeze:6', 'random:6'."""
+    name, *args = spec.split(":")
+    if name in ("lcsb", "lcsb-exact"):
+        return Selection(name, groups=int(args[0]) if args else 4, grouping=args[1] if len(args) > 1 else "contiguous")
+    if name in ("lisa", "random", "freeze"):
+        return Selection(name, active=int(args[0]) if args else 2, interval=1)
+    if name == "badam":
+        return Selection(name, interval=1)
+    return Selection(name)
+
+
+def run_config(method: str, layers: int, seq: int, steps: int, warmup: int, quant: str | None, rank: int = 16,
+               threads: int | None = None, activations: str = "ram", recompute: bool = True) -> dict:
+    if threads:
+        torch.set_num_threads(threads)
+    model = build(layers, quant=None if quant in (None, "fp32", "none") else quant, rank=rank)
+    built_rss = peak_rss_mb()
+    sel = parse_method(method).validate(layers)
+    opt = BlockOptimizer([block_lora_params(b) for b in model.model.layers], lr=1e-4)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (1, seq), generator=g)
+    rows = []
+    for step in range(warmup + steps):
+        roles = sel.roles(step, layers)
+        t0 = time.perf_counter()
+        res = run_step(model, ids, ids, roles, activations, recompute=recompute)
+        t1 = time.perf_counter()
+        opt.step({i for i, r in enumerate(roles) if r == "train"})
+        opt.zero_grad()
+        t2 = time.perf_counter()
+        if step >= warmup:
+            rows.append(dict(total=t2 - t0, optimizer=t2 - t1, **res.timings))
+    med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    return dict(method=method, quant=quant or "fp32", layers=layers, seq=seq, steps=steps, rank=rank,
+                recompute=recompute,
+                step_time=med["total"], breakdown={k: v for k, v in med.items() if k != "total"},
+                tokens_per_s=seq / med["total"], peak_rss_mb=peak_rss_mb(), rss_after_build_mb=built_rss,
+                loss=res.loss)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def in_subprocess(func: str, **kw) -> dict:
+    """Run bench.workload.<func>(**kw) in a fresh interpreter; return its JSON result."""
+    code = (f"import json, sys; sys.path.insert(0, 'bench'); import workload; "
+            f"print('RESULT' + json.dumps(workload.{func}(**json.loads(sys.argv[1]))))")
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(kw)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{func}({kw}) failed:\n{out.stderr[-3000:]}")
+    line = [l for l in out.stdout.splitlines() if l.startswith("RESULT")][-1]
+    return json.loads(line[len("RESULT"):])
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+    return dict(cpu=cpu, cores=os.cpu_count(), torch=torch.__version__, python=platform.python_version(),
+                date=str(date.today()), threads=torch.get_num_threads())
