@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -105,6 +106,79 @@ def _run_generate(args) -> int:
     return 0
 
 
+# --- eval -----------------------------------------------------------------------------------------
+
+def _add_eval(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("eval", help="loss, perplexity and token accuracy of a model (and adapter) on data",
+                       description="Score a model, with a LoRA adapter or without, on a JSONL file: loss per "
+                                   "counted token, perplexity, token accuracy. Prompts are masked as in training.")
+    p.add_argument("--model", required=True, metavar="DIR",
+                   help="Hugging Face checkpoint folder or a folder made by `lcsb convert`")
+    p.add_argument("--adapter", metavar="RUN", help="run folder or adapter folder (PEFT layout) to apply")
+    p.add_argument("--data", required=True, metavar="PATH",
+                   help="a .jsonl file (every record is scored) or a data folder (its test.jsonl, else valid.jsonl)")
+    p.add_argument("--batch-size", type=_positive_int, default=1, metavar="N",
+                   help="sequences per batch (default: %(default)s)")
+    p.add_argument("--max-seq-len", type=_positive_int, metavar="N",
+                   help="truncate longer records to N tokens (default: 2048 or the model's context)")
+    p.add_argument("--max-batches", type=_positive_int, metavar="N",
+                   help="score only the first N batches (a fixed seeded order; default: all)")
+    p.add_argument("--mask-prompt", action=argparse.BooleanOptionalAction, default=True,
+                   help="count only completion / assistant tokens (default: on)")
+    p.add_argument("--quant", choices=FORMATS, help="compress base weights on load (default: as stored)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a line of text")
+    return p
+
+
+def _run_eval(args) -> int:
+    from .evaluate import evaluate_data
+
+    r = evaluate_data(args.model, args.data, adapter=args.adapter, batch_size=args.batch_size,
+                      max_seq_len=args.max_seq_len, quant=args.quant, max_batches=args.max_batches or 0,
+                      mask_prompt=args.mask_prompt, say=lambda line: print(line, file=sys.stderr, flush=True))
+    if args.json:
+        print(json.dumps({"loss": r["loss"], "perplexity": r["ppl"], "accuracy": r["accuracy"],
+                          "tokens": r["tokens"], "records": r["records"], "data": r["file"],
+                          "model": args.model, "adapter": args.adapter}))
+    else:
+        print(f"loss {r['loss']:.4f}  perplexity {r['ppl']:.3f}  token accuracy {r['accuracy']:.4f}  "
+              f"({r['tokens']} tokens, {r['records']} records of {r['file']})")
+    return 0
+
+
+# --- export ---------------------------------------------------------------------------------------
+
+def _add_export(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("export", help="write a run's adapter for PEFT or MLX-LM, or merged into the base model",
+                       description="Write a run's LoRA adapter as a PEFT adapter folder, as an MLX-LM adapter "
+                                   "folder, or folded into the base weights as a Hugging Face checkpoint.")
+    # dest is not "run": that attribute holds the subcommand's function
+    p.add_argument("source", metavar="RUN", help="run folder (or adapter folder) whose adapter to export")
+    p.add_argument("--to", required=True, choices=("peft", "mlx", "merged"), help="output format")
+    p.add_argument("--out", metavar="DIR", help="folder to create (default: RUN/export-<format>)")
+    p.add_argument("--model", metavar="DIR",
+                   help="merged: the base checkpoint (default: the adapter's base_model_name_or_path)")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
+                   help="merged: float type of the weights written (default: the base checkpoint's)")
+    p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
+    return p
+
+
+def _run_export(args) -> int:
+    import torch
+
+    from .lora import export_adapter
+
+    out = Path(args.out) if args.out else Path(args.source) / f"export-{args.to}"
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    if dtype is not None and args.to != "merged":
+        raise UserError(f"--dtype applies to --to merged only; {args.to} adapters are written in float32")
+    export_adapter(args.source, args.to, out, model=args.model, dtype=dtype, overwrite=args.overwrite,
+                   say=lambda line: print(line, file=sys.stderr, flush=True))
+    print(out)
+    return 0
+
+
 # --- train ----------------------------------------------------------------------------------------
 
 def _add_train(sub) -> argparse.ArgumentParser:
@@ -175,6 +249,8 @@ def _run_train(args) -> int:
 COMMANDS = {
     "train": (_add_train, _run_train),
     "generate": (_add_generate, _run_generate),
+    "eval": (_add_eval, _run_eval),
+    "export": (_add_export, _run_export),
 }
 
 

@@ -1,6 +1,10 @@
 """Evaluation and generation (DESIGN.md section 9): loss, perplexity and accuracy on held-out data
 belong here next to text generation.
 
+Evaluation is a forward pass per batch with the LM head walked in vocabulary chunks
+(`engine.executor.eval_step`); loss and token accuracy count exactly the tokens training counts
+(labels != -100, prompts masked by default), summed over the batches and divided once.
+
 Generation keeps a KV cache: the prompt is run once (prefill), then every step feeds only the
 token just produced. Sampling draws from its own `torch.Generator`, so a seed gives the same
 tokens whatever else uses torch's global RNG.
@@ -8,12 +12,90 @@ tokens whatever else uses torch's global RNG.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 
 import torch
 
+from . import data as datalib
+from .engine.executor import eval_step
 from .errors import UserError
 from .model.core import CausalLM, KVCache
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def evaluate(model: CausalLM, examples, batch_size: int = 1, max_batches: int = 0, pad_id: int = 0) -> dict:
+    """Loss, perplexity and token accuracy over (the first max_batches batches of) `examples`.
+
+    Returns {"loss": mean loss per counted token, "ppl": exp(loss), "accuracy": share of counted
+    tokens whose argmax prediction is right, "tokens": counted tokens}.
+    """
+    loss_sum = n = correct = 0
+    # a fixed seeded order: with max_batches, every evaluation scores the same subset
+    for i, (ids, labels) in enumerate(datalib.batches(examples, batch_size, seed=0, epoch=0, pad_token_id=pad_id)):
+        if max_batches and i >= max_batches:
+            break
+        ls, c, k = eval_step(model, ids, labels)
+        loss_sum, n, correct = loss_sum + ls, n + c, correct + k
+    loss = loss_sum / max(n, 1)
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "accuracy": correct / max(n, 1), "tokens": n}
+
+
+def eval_file(data: str | Path) -> Path:
+    """The file `lcsb eval` scores: a .jsonl file as given; in a data folder test.jsonl, else valid.jsonl."""
+    path = Path(data)
+    if path.is_dir():
+        for name in ("test.jsonl", "valid.jsonl"):
+            if (path / name).is_file():
+                return path / name
+        raise UserError(f"{path}: no test.jsonl or valid.jsonl to evaluate; pass a .jsonl file with --data")
+    if not path.is_file():
+        raise UserError(f"{path}: no such file or folder; pass a .jsonl file or a data folder with --data")
+    return path
+
+
+def evaluate_data(model_path: str | Path, data: str | Path, adapter: str | Path | None = None, batch_size: int = 1,
+                  max_seq_len: int | None = None, quant: str | None = None, max_batches: int = 0,
+                  mask_prompt: bool = True, say=None) -> dict:
+    """Load a model (and adapter), read a data file, and score it: the API behind `lcsb eval`.
+
+    Args:
+        model_path: Hugging Face checkpoint folder or `lcsb convert` folder.
+        data: a .jsonl file (all its records are scored) or a data folder (its test.jsonl, else valid.jsonl).
+        adapter: a run folder or adapter folder (PEFT layout); None scores the base model.
+        max_seq_len: records longer than this are truncated (default: 2048 or the model's context).
+        max_batches: score only the first N batches of the (seeded) order; 0 scores everything.
+        say: called with the data summary line.
+    Returns `evaluate`'s dict plus "file" and "records".
+    """
+    from .model import load_config, load_model
+    from .model.tokenizer import load_tokenizer
+
+    if batch_size <= 0:
+        raise UserError(f"--batch-size must be positive, got {batch_size}")
+    if max_batches < 0:
+        raise UserError(f"--max-batches must not be negative, got {max_batches}")
+    mcfg, _ = load_config(model_path)        # a bad folder fails here, before data and weights load
+    context = mcfg.max_position_embeddings
+    if max_seq_len is None:
+        max_seq_len = min(2048, context)
+    elif max_seq_len > context:
+        raise UserError(f"--max-seq-len {max_seq_len} exceeds the model's context "
+                        f"(max_position_embeddings={context} in {model_path}/config.json)")
+    file = eval_file(data)
+    tok = load_tokenizer(model_path)
+    splits = datalib.load_dataset(file, tok, max_seq_len=max_seq_len, mask_prompt=mask_prompt)
+    if say:
+        say(splits.report.summary())
+    model = load_model(model_path, quant=quant, adapter=adapter)
+    r = evaluate(model, splits.train, batch_size, max_batches, splits.pad_token_id)
+    return {**r, "file": str(file), "records": len(splits.train)}
+
+
+# ---------------------------------------------------------------- generation
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_p: float):

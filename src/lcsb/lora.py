@@ -1,14 +1,18 @@
-"""LoRA adapters: add them, and read / write them in PEFT's layout.
+"""LoRA adapters: add them, read / write them in PEFT's layout, export them (PEFT, MLX-LM, merged).
 
 PEFT layout: adapter_config.json + adapter_model.safetensors with keys
 `base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight` (A [r, in], B [out, r]);
 `peft.PeftModel.from_pretrained` loads it onto the original transformers checkpoint.
+MLX-LM layout: adapters.safetensors with `model.layers.N.self_attn.q_proj.lora_a` (A^T [in, r]) and
+`.lora_b` (B^T [r, out]), and an adapter_config.json whose lora_parameters.scale is alpha / r.
+Merged: a Hugging Face checkpoint with W + (alpha / r) B A.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -68,9 +72,13 @@ def read_adapter_config(folder: Path) -> LoraConfig:
     raw = read_json(path)
     if raw.get("peft_type", "LORA") != "LORA":
         raise UserError(f"{path}: peft_type {raw.get('peft_type')!r} is not supported; only LoRA adapters load")
-    for key in ("use_dora", "use_rslora"):
+    for key in ("use_dora", "use_rslora", "lora_bias", "fan_in_fan_out"):
         if raw.get(key):
             raise UserError(f"{path}: {key}=true is not supported; use a plain LoRA adapter")
+    for key in ("modules_to_save", "trainable_token_indices", "target_parameters"):
+        if raw.get(key):
+            raise UserError(f"{path}: {key} is set ({raw[key]!r}): the adapter trains more than LoRA on the "
+                            "projections, which lcsb cannot load; use a plain LoRA adapter")
     for key in ("rank_pattern", "alpha_pattern"):
         if raw.get(key):
             raise UserError(f"{path}: {key} (per-layer ranks) is not supported; use one rank for all layers")
@@ -90,9 +98,7 @@ def read_adapter_config(folder: Path) -> LoraConfig:
 
 def load_adapter(model: CausalLM, folder: str | Path) -> LoraConfig:
     """Add LoRA layers as the adapter folder describes and fill them from its weights."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"{folder}: adapter folder not found")
+    folder = adapter_folder(folder)
     cfg = read_adapter_config(folder)
     add_lora(model, cfg)
     path = folder / ADAPTER_WEIGHTS
@@ -117,3 +123,252 @@ def load_adapter(model: CausalLM, folder: str | Path) -> LoraConfig:
                                 "(rank or layer size differ); the adapter was made for a different model")
             p.copy_(saved[k])
     return cfg
+
+
+# ---------------------------------------------------------------- export: PEFT, MLX-LM, merged
+
+MLX_WEIGHTS = "adapters.safetensors"
+EXPORTS = ("peft", "mlx", "merged")
+_MODULE_OF = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+              "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+
+
+def adapter_folder(path: str | Path) -> Path:
+    """`path` if it holds an adapter (adapter_config.json + adapter_model.safetensors), with an error
+    that says what to pass instead otherwise (a run that never finished has only checkpoints)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: adapter folder not found; pass a run folder or an adapter folder")
+    if not (folder / ADAPTER_CONFIG).exists():
+        done = sorted(p for p in (folder / "checkpoints").glob("step-*") if (p / "state.json").exists()) \
+            if (folder / "checkpoints").is_dir() else []
+        hint = (f"the run has not finished; its latest checkpoint is an adapter folder: {done[-1]}" if done
+                else f"an adapter folder holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} (PEFT layout)")
+        raise UserError(f"{folder / ADAPTER_CONFIG} not found: {hint}")
+    return folder
+
+
+def read_adapter(path: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor], dict]:
+    """(LoRA config, {PEFT key without the adapter name: float tensor}, raw adapter_config.json) of an adapter folder."""
+    folder = adapter_folder(path)
+    cfg = read_adapter_config(folder)
+    path = folder / ADAPTER_WEIGHTS
+    if not path.exists():
+        raise UserError(f"{path} not found: an adapter folder needs {ADAPTER_WEIGHTS} (PEFT's safetensors format)")
+    try:
+        saved = load_file(str(path))
+    except Exception as e:  # safetensors raises several types for damaged files
+        raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+    saved = {k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): v.float()
+             for k, v in saved.items()}
+    return cfg, saved, read_json(folder / ADAPTER_CONFIG)
+
+
+def lora_pairs(tensors: dict[str, torch.Tensor], where: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{HF module name ("model.layers.3.self_attn.q_proj"): (A [r, in], B [out, r])} from PEFT keys."""
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        stem, _, which = key.removesuffix(".weight").rpartition(".")
+        if not key.startswith("base_model.model.") or which not in ("lora_A", "lora_B") or not key.endswith(".weight"):
+            raise UserError(f"{where}: unexpected tensor {key!r}; expected PEFT LoRA keys "
+                            "base_model.model.<module>.lora_A.weight / .lora_B.weight")
+        pairs.setdefault(stem.removeprefix("base_model.model."), {})[which] = t
+    out = {}
+    for name, ab in pairs.items():
+        if set(ab) != {"lora_A", "lora_B"}:
+            raise UserError(f"{where}: {name} has only {', '.join(ab)}; the adapter is incomplete")
+        A, B = ab["lora_A"], ab["lora_B"]
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+            raise UserError(f"{where}: {name} has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}, "
+                            "which do not form a rank-r product")
+        out[name] = (A, B)
+    return out
+
+
+def _layer_index(name: str) -> int:
+    parts = name.split(".")          # model.layers.N.<self_attn|mlp>.<proj>
+    if len(parts) != 5 or parts[:2] != ["model", "layers"] or not parts[2].isdigit() \
+            or _MODULE_OF.get(parts[4]) != parts[3]:
+        raise UserError(f"{name}: not a block projection (model.layers.N.self_attn|mlp.<proj>); "
+                        "only LoRA on the blocks' projections can be exported")
+    return int(parts[2])
+
+
+def mlx_adapter(cfg: LoraConfig, tensors: dict[str, torch.Tensor], where: Path,
+                base_model: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """The adapter in MLX-LM's layout: (adapters.safetensors tensors, adapter_config.json).
+
+    MLX-LM's LoRALinear computes y = W x + scale * (dropout(x) @ lora_a) @ lora_b with lora_a
+    [in, r] and lora_b [r, out], so lora_a = A^T, lora_b = B^T and scale = alpha / r (PEFT's
+    scaling; MLX-LM takes the scale itself, not alpha). `load_adapters` wraps the listed `keys`
+    of the last `num_layers` blocks: ours adapt every block, so num_layers is the block count.
+    """
+    pairs = lora_pairs(tensors, where)
+    layers = {_layer_index(n) for n in pairs}
+    n = max(layers) + 1
+    if layers != set(range(n)):
+        raise UserError(f"{where}: the adapter skips blocks {sorted(set(range(n)) - layers)}; MLX-LM adapts "
+                        "the last num_layers blocks, so every block must have LoRA")
+    out = {}
+    for name, (A, B) in pairs.items():
+        out[f"{name}.lora_a"] = A.T.contiguous()       # [in, r]
+        out[f"{name}.lora_b"] = B.T.contiguous()       # [r, out]
+    keys = [f"{_MODULE_OF[t]}.{t}" for t in LORA_TARGETS if t in cfg.targets]
+    config = {"fine_tune_type": "lora", "num_layers": n,
+              "lora_parameters": {"rank": cfg.rank, "scale": cfg.alpha / cfg.rank, "dropout": cfg.dropout,
+                                  "keys": keys}}
+    if base_model:
+        config["model"] = base_model
+    return out, config
+
+
+def _new_folder(out: Path, overwrite: bool):
+    """A temporary folder beside `out`, and a function that moves it into place."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} already exists; choose another output folder or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.lcsb-tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+
+    def commit():
+        for p in tmp.iterdir():
+            with open(p, "rb+") as f:
+                os.fsync(f.fileno())
+        if out.exists():                       # overwrite: swap, then drop the old folder
+            old = out.parent / f".{out.name}.lcsb-old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+        fd = os.open(out.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return tmp, commit
+
+
+def export_adapter(adapter: str | Path, to: str, out: str | Path, model: str | Path | None = None,
+                   dtype: torch.dtype | None = None, overwrite: bool = False, say=None) -> Path:
+    """Write the adapter of a run (or adapter folder) as `to` into the folder `out`, atomically.
+
+    Args:
+        adapter: a run folder or an adapter folder (adapter_config.json + adapter_model.safetensors).
+        to: "peft" (the two files, as `peft.PeftModel.from_pretrained` loads them), "mlx" (MLX-LM's
+            adapters.safetensors + adapter_config.json) or "merged" (a Hugging Face checkpoint with
+            the adapter folded into the base weights).
+        out: the folder to create; it must not exist unless `overwrite`.
+        model: base checkpoint for "merged" (default: the adapter's base_model_name_or_path).
+        dtype: float type of the merged checkpoint (default: the base checkpoint's own).
+        say: called with notes for the user (e.g. merging into dequantized weights).
+    """
+    say = say or (lambda *a: None)
+    if to not in EXPORTS:
+        raise UserError(f"unknown export format {to!r}: choose one of {', '.join(EXPORTS)}")
+    cfg, tensors, raw = read_adapter(adapter)
+    folder = adapter_folder(adapter)
+    base = str(model) if model is not None else raw.get("base_model_name_or_path")
+    out = Path(out)
+    if out.resolve() == folder.resolve():
+        raise UserError(f"{out}: the output folder is the adapter folder; choose another output folder")
+    if to == "merged":
+        if not base:
+            raise UserError(f"{folder / ADAPTER_CONFIG} names no base model (base_model_name_or_path); "
+                            "pass the base checkpoint folder with --model")
+        if not Path(base).is_dir():
+            raise UserError(f"{base}: base model folder not found (from "
+                            f"{'--model' if model is not None else folder / ADAPTER_CONFIG}); "
+                            "pass the base checkpoint folder with --model")
+    tmp, commit = _new_folder(out, overwrite)
+    try:
+        if to == "peft":
+            lora_pairs(tensors, folder / ADAPTER_WEIGHTS)           # checks the keys before copying
+            shutil.copy2(folder / ADAPTER_WEIGHTS, tmp / ADAPTER_WEIGHTS)
+            shutil.copy2(folder / ADAPTER_CONFIG, tmp / ADAPTER_CONFIG)
+        elif to == "mlx":
+            weights, config = mlx_adapter(cfg, tensors, folder / ADAPTER_WEIGHTS, base)
+            save_file(weights, str(tmp / MLX_WEIGHTS), metadata={"format": "mlx"})
+            (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        else:
+            merge_adapter(cfg, tensors, folder / ADAPTER_WEIGHTS, Path(base), tmp, dtype, say)
+        commit()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def merge_adapter(cfg: LoraConfig, tensors: dict[str, torch.Tensor], where: Path, base: Path, out: Path,
+                  dtype: torch.dtype | None = None, say=None) -> None:
+    """Write into `out` a Hugging Face checkpoint of `base` with W + (alpha / r) B A in every adapted
+    projection: model*.safetensors (HF names), config.json, the tokenizer files.
+
+    A plain checkpoint is copied tensor by tensor (anything lcsb does not use included), each
+    merged in float32 and stored in its own dtype (or `dtype`). A folder made by `lcsb convert` is
+    merged into its dequantized weights, stored as `dtype` or the original checkpoint's dtype, and
+    config.json loses its "quantization" entry: a float checkpoint that transformers loads.
+    One tensor is in memory at a time.
+    """
+    from .model import load_config, load_model
+    from .model.checkpoint import Shards
+    from .model.core import Embedding
+    from .quant.store import SHARD_BYTES, TOKENIZER_FILES, _ShardWriter
+
+    say = say or (lambda *a: None)
+    load_config(base)                            # an unsupported or broken base fails here, by name
+    raw = read_json(base / "config.json")
+    pairs = lora_pairs(tensors, where)
+    deltas = {}
+    for name, (A, B) in pairs.items():
+        _layer_index(name)
+        deltas[f"{name}.weight"] = (A, B)
+    quant = raw.pop("quantization", None)
+    raw.pop("quantization_config", None)
+    dtype_key = "dtype" if "dtype" in raw or "torch_dtype" not in raw else "torch_dtype"
+    names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    stored_dtype = names.get(str(raw.get(dtype_key)).removeprefix("torch."))
+
+    def merged(key: str, w: torch.Tensor, want: torch.dtype) -> torch.Tensor:
+        if key in deltas:
+            A, B = deltas.pop(key)
+            if tuple(w.shape) != (B.shape[0], A.shape[1]):
+                raise UserError(f"{where}: the adapter's {key.removesuffix('.weight')} is {B.shape[0]}x{A.shape[1]} "
+                                f"but {base} has {list(w.shape)}; the adapter was made for a different model")
+            w = w.float() + (B @ A) * cfg.scaling
+        return w.to(want) if w.is_floating_point() else w
+
+    writer = _ShardWriter(out, SHARD_BYTES)
+    if quant:
+        out_dtype = dtype or stored_dtype or torch.float32
+        say(f"note: {base} is a quantized `lcsb convert` folder ({quant.get('format') if isinstance(quant, dict) else quant}); "
+            f"the adapter is merged into its dequantized weights, stored as {str(out_dtype).removeprefix('torch.')} "
+            "(the quantization error of the base stays in the result)")
+        model = load_model(base)                 # file-backed: one module's weights resident at a time
+        for name, m in model.named_modules():
+            if isinstance(m, (Linear, Embedding)):
+                key = f"{name}.weight"
+                writer.add({key: merged(key, m.weight.dequantize(torch.float32), out_dtype)})
+                m.weight.release()
+        for name, p in model.named_parameters():
+            writer.add({name: p.detach().to(out_dtype)})
+        del model
+    else:
+        out_dtype = dtype or stored_dtype
+        shards = Shards(base)
+        for key in shards.where:
+            t = shards.get(key)
+            writer.add({key: merged(key, t, (dtype or t.dtype) if t.is_floating_point() else t.dtype)})
+    if deltas:
+        raise UserError(f"{where}: {sorted(deltas)[0].removesuffix('.weight')} has no weight in {base}; "
+                        "the adapter was made for a different model")
+    writer.close()
+    if out_dtype is not None:
+        raw[dtype_key] = str(out_dtype).removeprefix("torch.")
+    (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
+    for name in TOKENIZER_FILES:
+        if (base / name).is_file():
+            shutil.copy2(base / name, out / name)

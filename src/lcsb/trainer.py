@@ -332,6 +332,8 @@ def train(cfg: TrainConfig, sources: dict[str, str] | None = None, quiet: bool =
         # drop log lines past the checkpoint (and a line cut short by a kill), so the log reads as one
         # uninterrupted run; the curves of the plot start from the kept lines
         kept = _read_log(run / "log.jsonl", pos.step)
+        # the end-of-run evaluation follows the last checkpoint: it is done again below, so drop its line
+        kept = [r for r in kept if not ("eval_loss" in r and r["step"] >= total)]
         (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
         history = [(r["step"], r["loss"]) for r in kept if "loss" in r]
         eval_history = [(r["step"], r["eval_loss"]) for r in kept if "eval_loss" in r]

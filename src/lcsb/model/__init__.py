@@ -10,6 +10,7 @@ from ..config import LoraConfig, ModelConfig, RawConfig
 from ..errors import UserError
 from ..quant.formats import FORMATS, quantize
 from . import gemma3, llama, qwen2, qwen3
+from ..quant.store import CheckpointReader
 from .checkpoint import Shards, read_json
 from .core import CausalLM, Embedding, KVCache, Linear, materialized
 
@@ -84,18 +85,20 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, quant: str 
 def _fill_from_checkpoint(model: CausalLM, shards: Shards, dtype, quant, group_size):
     if model.lm_head is None and "lm_head.weight" in shards and "model.embed_tokens.weight" not in shards:
         raise UserError(f"{shards.folder}: tie_word_embeddings is set but the checkpoint has only lm_head.weight")
-    for name, module in model.named_modules():
-        if isinstance(module, (Linear, Embedding)):
-            key = f"{name}.weight"
-            shape = ((module.out_features, module.in_features) if isinstance(module, Linear)
-                     else (module.num_embeddings, module.embedding_dim))
-            w = _read(shards, key, shape).to(dtype)
-            try:
-                # one tensor at a time: read, compress, drop the float original
-                module.weight = quantize(w, quant, group_size)
-            except UserError as e:
-                raise UserError(f"{key}: {e}") from None
-            del w
+    # plain reads, a slice of rows at a time: neither the float matrix nor safetensors' whole-file
+    # mapping stays resident (quantize-on-load of the Qwen2.5-0.5B shape: 733 MB peak instead of 1.8 GB)
+    with CheckpointReader(shards) as reader:
+        for name, module in model.named_modules():
+            if isinstance(module, (Linear, Embedding)):
+                key = f"{name}.weight"
+                shape = ((module.out_features, module.in_features) if isinstance(module, Linear)
+                         else (module.num_embeddings, module.embedding_dim))
+                path, _, (src_dtype, got, _, _) = reader.entry(key)
+                _check_tensor(path, key, got, src_dtype, shape)
+                try:
+                    module.weight = reader.weight(key, shape, quant, group_size, dtype)
+                except UserError as e:
+                    raise UserError(f"{key}: {e}") from None
     for name, p in list(model.named_parameters()):
         mod_name, _, attr = name.rpartition(".")
         mod = model.get_submodule(mod_name)
@@ -103,14 +106,17 @@ def _fill_from_checkpoint(model: CausalLM, shards: Shards, dtype, quant, group_s
         mod._parameters[attr] = torch.nn.Parameter(t, requires_grad=False)
 
 
-def _read(shards: Shards, key: str, shape: tuple) -> torch.Tensor:
-    """One checkpoint tensor, checked against the shape config.json implies."""
-    t = shards.get(key)
-    where = shards.where[key]
-    if tuple(t.shape) != tuple(shape):
-        raise UserError(f"{where}: weight {key!r} has shape {list(t.shape)} but config.json implies {list(shape)}; "
+def _check_tensor(where, key: str, shape, dtype: torch.dtype, expected) -> None:
+    if tuple(shape) != tuple(expected):
+        raise UserError(f"{where}: weight {key!r} has shape {list(shape)} but config.json implies {list(expected)}; "
                         "the safetensors files do not match config.json")
-    if not t.is_floating_point():
-        raise UserError(f"{where}: weight {key!r} is {t.dtype}, not a float tensor; pre-quantized checkpoints "
+    if not dtype.is_floating_point:
+        raise UserError(f"{where}: weight {key!r} is {dtype}, not a float tensor; pre-quantized checkpoints "
                         "(GPTQ, AWQ, bitsandbytes) are not supported: use the original float checkpoint")
+
+
+def _read(shards: Shards, key: str, shape: tuple) -> torch.Tensor:
+    """One (small) checkpoint tensor, checked against the shape config.json implies."""
+    t = shards.get(key)
+    _check_tensor(shards.where[key], key, t.shape, t.dtype, shape)
     return t

@@ -66,6 +66,7 @@ class Linear(nn.Module):
                 y = _CompressedLinearFn.apply(x, self.weight)
             else:
                 y = F.linear(x, self.weight.dequantize(x.dtype))
+            self.weight.release()          # file-backed pages leave the resident set (generation, eval)
             if self.bias is not None:
                 y = y + self.bias
         if self.lora_A is not None:
@@ -294,8 +295,11 @@ class CausalLM(nn.Module):
 
     def logits(self, h):
         """Final norm and LM head over hidden states h [B, S, hidden] -> float32 logits [B, S, V]."""
-        w = self.head_weight().dequantize(h.dtype)
-        out = F.linear(self.model.norm(h), w).float()
+        # vocabulary chunks: the head (often the largest matrix) is never decompressed whole
+        W, hn = self.head_weight(), self.model.norm(h)
+        out = torch.cat([F.linear(hn, W.rows(torch.arange(lo, min(lo + 16384, W.shape[0])), h.dtype)).float()
+                         for lo in range(0, W.shape[0], 16384)], dim=-1)
+        W.release()
         if self.config.final_softcap is not None:
             out = torch.tanh(out / self.config.final_softcap) * self.config.final_softcap
         return out

@@ -11,7 +11,9 @@ embedding gathers rows with `rows(ids)` without decompressing the whole table.
 - `nf4`: QLoRA's 4-bit NormalFloat: the 16 quantiles of N(0, 1) scaled to [-1, 1], group-wise
   absmax, w = code[q] * absmax. 4 + 32/group bits.
 
-`dequantize()` bumps `STATS["dequantize"]` so tests can count decompressions.
+`dequantize()` bumps `STATS["dequantize"]` so tests can count decompressions. `quantize()` works
+through the rows `CHUNK_ELEMENTS` elements at a time: every format is row-wise, so the result is
+the same, and a 150k-row embedding needs tens of MB of temporaries instead of a few GB.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 from ..errors import UserError
 
 STATS = {"dequantize": 0}
+CHUNK_ELEMENTS = 1 << 22          # elements quantized at a time (16 MB of float32)
 
 # The NF4 code book as published with QLoRA (bitsandbytes' create_normal_map, offset 0.9677).
 NF4_CODE = torch.tensor([
@@ -102,16 +105,20 @@ class Int8(Weight):
 
     @classmethod
     def quantize(cls, w: torch.Tensor) -> "Int8":
-        w = w.float()
-        scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
-        q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+        q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+        scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+        for rows in _row_chunks(w.shape):
+            x = w[rows].float()
+            s = x.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+            q[rows] = torch.round(x / s[:, None]).clamp_(-127, 127)
+            scale[rows] = s
         return cls(q, scale)
 
     def _dequantize(self, dtype):
-        return (self.q.to(dtype) * self.scale[:, None].to(dtype))
+        return self.q.to(dtype).mul_(self.scale[:, None].to(dtype))
 
     def rows(self, ids, dtype=torch.float32):
-        return self.q[ids].to(dtype) * self.scale[ids][..., None].to(dtype)
+        return self.q[ids].to(dtype).mul_(self.scale[ids][..., None].to(dtype))
 
     def tensors(self):
         return {"weight": self.q, "scales": self.scale}
@@ -128,7 +135,20 @@ def _unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
     return torch.stack((p & 0x0F, p >> 4), dim=-1).flatten(-2)
 
 
+def _row_chunks(shape):
+    """Row slices of about CHUNK_ELEMENTS elements covering a [out, in] matrix."""
+    step = max(1, CHUNK_ELEMENTS // max(1, shape[1]))
+    return [slice(a, a + step) for a in range(0, shape[0], step)]
+
+
+def check_group_size(group_size, fmt: str):
+    """A group size must be a positive even integer (nibbles pair up inside a group)."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0 or group_size % 2:
+        raise UserError(f"{fmt}: group size {group_size!r} is not a positive even integer; use 32, 64 or 128")
+
+
 def _check_groups(shape, group_size: int, fmt: str):
+    check_group_size(group_size, fmt)
     if shape[1] % group_size:
         raise UserError(f"{fmt}: input dimension {shape[1]} is not a multiple of the group size {group_size}; "
                         "choose a --group-size that divides it (32, 64 or 128)")
@@ -146,16 +166,21 @@ class Int4(Weight):
     def quantize(cls, w: torch.Tensor, group_size: int = 64) -> "Int4":
         _check_groups(w.shape, group_size, "int4")
         out, inp = w.shape
-        g = w.float().reshape(out, inp // group_size, group_size)
-        lo, hi = g.amin(dim=-1), g.amax(dim=-1)
-        scale = ((hi - lo) / 15.0).clamp_min(1e-12)
-        q = torch.round((g - lo[..., None]) / scale[..., None]).clamp_(0, 15).reshape(out, inp)
-        return cls(_pack_nibbles(q), scale, lo, group_size)
+        packed = torch.empty(out, inp // 2, dtype=torch.uint8, device=w.device)
+        scales = torch.empty(out, inp // group_size, dtype=torch.float32, device=w.device)
+        biases = torch.empty_like(scales)
+        for rows in _row_chunks(w.shape):
+            g = w[rows].float().unflatten(-1, (-1, group_size))
+            lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+            scale = ((hi - lo) / 15.0).clamp_min(1e-12)
+            q = torch.round((g - lo[..., None]) / scale[..., None]).clamp_(0, 15).flatten(-2)
+            packed[rows], scales[rows], biases[rows] = _pack_nibbles(q), scale, lo
+        return cls(packed, scales, biases, group_size)
 
     def _groups(self, packed, scales, biases, dtype):
-        q = _unpack_nibbles(packed).to(dtype)
-        q = q.unflatten(-1, (-1, self.group_size))
-        return (q * scales[..., None].to(dtype) + biases[..., None].to(dtype)).flatten(-2)
+        # w = q * scale + bias, in place on the one full-size temporary
+        q = _unpack_nibbles(packed).to(dtype).unflatten(-1, (-1, self.group_size))
+        return q.mul_(scales[..., None].to(dtype)).add_(biases[..., None].to(dtype)).flatten(-2)
 
     def _dequantize(self, dtype):
         return self._groups(self.packed, self.scales, self.biases, dtype)
@@ -179,18 +204,22 @@ class NF4(Weight):
     def quantize(cls, w: torch.Tensor, group_size: int = 64) -> "NF4":
         _check_groups(w.shape, group_size, "nf4")
         out, inp = w.shape
-        g = w.float().reshape(out, inp // group_size, group_size)
-        absmax = g.abs().amax(dim=-1).clamp_min(1e-12)
-        x = (g / absmax[..., None]).reshape(out, inp)
+        packed = torch.empty(out, inp // 2, dtype=torch.uint8, device=w.device)
+        absmax = torch.empty(out, inp // group_size, dtype=torch.float32, device=w.device)
         # nearest code: the code book is sorted, so compare with the midpoints between neighbours
-        mids = (NF4_CODE[1:] + NF4_CODE[:-1]) / 2
-        q = torch.bucketize(x, mids)
-        return cls(_pack_nibbles(q), absmax, group_size)
+        mids = ((NF4_CODE[1:] + NF4_CODE[:-1]) / 2).to(w.device)
+        for rows in _row_chunks(w.shape):
+            g = w[rows].float().unflatten(-1, (-1, group_size))
+            m = g.abs().amax(dim=-1).clamp_min(1e-12)
+            packed[rows] = _pack_nibbles(torch.bucketize((g / m[..., None]).flatten(-2), mids))
+            absmax[rows] = m
+        return cls(packed, absmax, group_size)
 
     def _groups(self, packed, absmax, dtype):
-        q = _unpack_nibbles(packed).long()
-        v = NF4_CODE.to(device=packed.device, dtype=dtype)[q].unflatten(-1, (-1, self.group_size))
-        return (v * absmax[..., None].to(dtype)).flatten(-2)
+        # one table lookup per byte gives both codes (low nibble first), then scale in place
+        pairs = _NF4_PAIRS.to(device=packed.device, dtype=dtype)
+        v = pairs.index_select(0, packed.reshape(-1).int()).view(*packed.shape[:-1], -1, self.group_size)
+        return v.mul_(absmax[..., None].to(dtype)).flatten(-2)
 
     def _dequantize(self, dtype):
         return self._groups(self.packed, self.absmax, dtype)
@@ -201,6 +230,9 @@ class NF4(Weight):
     def tensors(self):
         return {"weight": self.packed, "absmax": self.absmax}
 
+
+# byte -> (code of the low nibble, code of the high nibble)
+_NF4_PAIRS = NF4_CODE[torch.stack((torch.arange(256) & 0x0F, torch.arange(256) >> 4), dim=-1)]
 
 FORMATS = ("int8", "int4", "nf4")
 
