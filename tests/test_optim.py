@@ -175,7 +175,7 @@ def test_idle_blocks_and_their_state_untouched(kind, momentum, inactive):
     gen = torch.Generator().manual_seed(6)
     for trained in TRAINED:
         before = [p.detach().clone() for p in flat(blocks)]
-        state_before = copy.deepcopy({id(p): opt.opt.state.get(p, {}) for p in flat(blocks)})
+        state_before = copy.deepcopy({id(p): opt.state.get(p, {}) for p in flat(blocks)})
         set_grads(blocks, make_grads(blocks, trained, gen))
         opt.step(trained)
         opt.zero_grad()
@@ -186,7 +186,7 @@ def test_idle_blocks_and_their_state_untouched(kind, momentum, inactive):
                     assert not torch.equal(p.detach(), before[i])
                 else:
                     assert torch.equal(p.detach(), before[i])
-                    st, st0 = opt.opt.state.get(p, {}), state_before[id(p)]
+                    st, st0 = opt.state.get(p, {}), state_before[id(p)]
                     assert st.keys() == st0.keys()
                     for k in st:
                         v, v0 = st[k], st0[k]
@@ -206,7 +206,7 @@ def test_momentum_steps_idle_blocks():
     opt.step({0})
     for p, p0 in zip(blocks[1], before):
         assert not torch.equal(p.detach(), p0)
-        assert int(opt.opt.state[p]["step"]) == 2
+        assert int(opt.state[p]["step"]) == 2
 
 
 @pytest.mark.parametrize("kind, momentum", [("adamw", 0.0), ("sgd", 0.9)])
@@ -231,9 +231,9 @@ def test_reset_restarts_state_like_a_fresh_optimizer(kind, momentum):
         idle = [p.detach() for b in range(NBLOCKS) if b not in trained for p in blocks[b]]
         assert all(torch.equal(a, b) for a, b in zip(idle, untouched))
         if kind == "adamw" and step in (0, back):
-            assert all(int(opt.opt.state[p]["step"]) == 1 for p in blocks[0])
+            assert all(int(opt.state[p]["step"]) == 1 for p in blocks[0])
         if kind == "adamw" and step == back - 1:
-            assert all(int(opt.opt.state[p]["step"]) == 2 for p in blocks[0])   # kept while idle
+            assert all(int(opt.state[p]["step"]) == 2 for p in blocks[0])   # kept while idle
         if fresh is not None:
             for p, g in zip(fresh_params, grads[0]):
                 p.grad = g.clone()

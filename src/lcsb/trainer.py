@@ -102,20 +102,17 @@ def save_checkpoint(run: Path, model, opt: BlockOptimizer, pos: Position, cfg: T
     tmp.mkdir()
     save_adapter(model, tmp, base_model=cfg.model)
     keys = list(model.lora_parameters())
-    sd = opt.state_dict()
-    index = {id(p): i for i, p in enumerate(opt.params)}
-    assert len(index) == len(keys)
     tensors, scalars = {}, {}
-    for i, st in sd["opt"]["state"].items():
+    for i, st in opt.state_dict()["state"].items():
         for k, v in st.items():
-            if torch.is_tensor(v) and v.dim() > 0:
+            if torch.is_tensor(v):
                 tensors[f"{keys[i]}::{k}"] = v
             else:
-                scalars[f"{keys[i]}::{k}"] = float(v)
+                scalars[f"{keys[i]}::{k}"] = v
     tensors["rng::torch"] = torch.get_rng_state()
     _save_tensors(tmp / "optimizer.safetensors", tensors)
     state = dict(step=pos.step, epoch=pos.epoch, batch=pos.batch, scalars=scalars,
-                 param_groups=sd["opt"]["param_groups"], last_trained=sd["last_trained"], stats=stats)
+                 last_trained=sorted(opt.last_trained), stats=stats)
     _write_json(tmp / "state.json", state)   # written last: its presence marks a complete checkpoint
     _fsync_dir(tmp)
     if final.exists():
@@ -145,18 +142,17 @@ def load_checkpoint(path: Path, model, opt: BlockOptimizer) -> tuple[Position, d
         for k, p in params.items():
             p.copy_(saved[k])
     tensors = load_file(str(path / "optimizer.safetensors"))
-    keys = list(params)
+    index = {k: i for i, k in enumerate(params)}
     opt_state: dict[int, dict] = {}
     for name, v in tensors.items():
         if name.startswith("rng::"):
             continue
         key, field_name = name.split("::")
-        opt_state.setdefault(keys.index(key), {})[field_name] = v
+        opt_state.setdefault(index[key], {})[field_name] = v
     for name, v in state["scalars"].items():
         key, field_name = name.split("::")
-        opt_state.setdefault(keys.index(key), {})[field_name] = torch.tensor(v)
-    opt.load_state_dict({"opt": {"state": opt_state, "param_groups": state["param_groups"]},
-                         "last_trained": state["last_trained"]})
+        opt_state.setdefault(index[key], {})[field_name] = v
+    opt.load_state_dict({"state": opt_state, "last_trained": state["last_trained"]})
     torch.set_rng_state(tensors["rng::torch"])
     return Position(state["step"], state["epoch"], state["batch"]), state.get("stats", {})
 
