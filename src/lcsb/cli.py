@@ -15,7 +15,9 @@ import dataclasses
 import json
 import math
 import os
+import runpy
 import sys
+import time
 import traceback
 
 from pathlib import Path
@@ -23,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from . import __version__, load_config, load_model
-from .config import TrainConfig
+from .config import LoraConfig, TrainConfig
 from .errors import UserError
 from .evaluate import encode_prompt, generate_text
 from .model.tokenizer import load_tokenizer
@@ -246,11 +248,109 @@ def _run_train(args) -> int:
     return 0 if not result.interrupted else 130
 
 
+# --- convert --------------------------------------------------------------------------------------
+
+def _add_convert(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("convert", help="compress a checkpoint's base weights once (int8, int4, nf4)",
+                       description="Write a converted copy of a Hugging Face checkpoint folder whose base weights "
+                                   "are compressed; `lcsb train/eval/generate --model DST` read it block by block.")
+    p.add_argument("src", metavar="SRC", help="Hugging Face checkpoint folder")
+    p.add_argument("dst", metavar="DST", help="folder to write (must not exist unless --overwrite)")
+    p.add_argument("--quant", choices=FORMATS, default="int4", help="format (default: %(default)s)")
+    p.add_argument("--bits", type=int, choices=(4, 8), help="shorthand: 4 = int4, 8 = int8")
+    p.add_argument("--group-size", type=_positive_int, default=64, metavar="N",
+                   help="int4/nf4 group size: 32, 64 or 128 (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    return p
+
+
+def _run_convert(args) -> int:
+    from .quant.store import convert_model
+
+    quant = {4: "int4", 8: "int8"}[args.bits] if args.bits else args.quant
+    t0 = time.perf_counter()
+
+    def progress(done, total):
+        print(f"\rconverting: {done}/{total} modules", end="", file=sys.stderr, flush=True)
+
+    out = convert_model(args.src, args.dst, quant=quant, group_size=args.group_size, overwrite=args.overwrite,
+                        progress=progress)
+    size = sum(f.stat().st_size for f in Path(out).glob("*.safetensors")) / 2**20
+    print(f"\nwrote {out} ({quant}, {size:.0f} MB) in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+    return 0
+
+
+# --- bench ----------------------------------------------------------------------------------------
+
+BENCH_SCRIPTS = {"speed": "speed.py", "quality": "quality.py", "methods": "methods.py", "memory": "memory.py"}
+
+
+def _add_bench(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("bench", help="benchmarks: speed, quality, methods, memory, fidelity",
+                       description="Benchmarks. `fidelity` compares each method's gradients with the exact ones; "
+                                   "the others run the scripts in the repository's bench/ folder "
+                                   "(their own --help lists their options).")
+    p.add_argument("which", choices=sorted([*BENCH_SCRIPTS, "fidelity"]), help="which benchmark")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark")
+    return p
+
+
+def _run_bench(args) -> int:
+    if args.which == "fidelity":
+        return _bench_fidelity(args.rest)
+    from .trainer import REPO
+
+    script = REPO / "bench" / BENCH_SCRIPTS[args.which]
+    if not script.exists():
+        raise UserError(f"{script} not found: the benchmarks run from a source checkout of lcsb")
+    sys.argv = [str(script), *args.rest]
+    sys.path.insert(0, str(script.parent))
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
+def _bench_fidelity(argv) -> int:
+    import torch
+
+    from .data import batches, load_dataset
+    from .engine.fidelity import default_selections, fidelity, format_table
+
+    p = _Parser(prog="lcsb bench fidelity", description="Per block: each method's LoRA gradients on a batch "
+                "compared with the exact ones (cosine similarity, relative norm).")
+    p.add_argument("--model", required=True, metavar="DIR")
+    p.add_argument("--data", required=True, metavar="FILE", help="JSONL file or data folder (its train split)")
+    p.add_argument("--adapter", metavar="DIR", help="LoRA adapter to measure at (default: random non-zero LoRA)")
+    p.add_argument("--batches", type=_positive_int, default=4, metavar="N")
+    p.add_argument("--batch-size", type=_positive_int, default=1, metavar="N")
+    p.add_argument("--max-seq-len", type=_positive_int, default=256, metavar="N")
+    p.add_argument("--rank", type=_positive_int, default=16)
+    p.add_argument("--quant", choices=FORMATS)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--detail", action="store_true", help="one line per block")
+    a = p.parse_args(argv)
+    tok = load_tokenizer(a.model)
+    splits = load_dataset(a.data, tok, max_seq_len=a.max_seq_len)
+    torch.manual_seed(a.seed)
+    model = load_model(a.model, quant=a.quant, adapter=a.adapter,
+                       lora=None if a.adapter else LoraConfig(rank=a.rank))
+    if not a.adapter:   # a fresh adapter has B = 0, which makes every A gradient zero: measure at a random point
+        with torch.no_grad():
+            for k, prm in model.lora_parameters().items():
+                if "lora_B" in k:
+                    prm.normal_(0, 0.02)
+    data = list(batches(splits.train, a.batch_size, a.seed, 0, pad_token_id=tok.pad_token_id))[:a.batches]
+    rows = fidelity(model, data, default_selections(model.config.num_layers, a.seed))
+    print(format_table(rows, detail=a.detail))
+    return 0
+
+
 COMMANDS = {
     "train": (_add_train, _run_train),
     "generate": (_add_generate, _run_generate),
     "eval": (_add_eval, _run_eval),
     "export": (_add_export, _run_export),
+    "convert": (_add_convert, _run_convert),
+    "bench": (_add_bench, _run_bench),
 }
 
 
