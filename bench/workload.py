@@ -73,11 +73,32 @@ def parse_method(spec: str) -> Selection:
     return Selection(name)
 
 
+def load(model_dir: str, quant: str | None, rank: int, seed: int = 0) -> CausalLM:
+    """A checkpoint or converted folder with a rank-`rank` LoRA whose B is random (as after training)."""
+    from lcsb import load_model
+    model = load_model(model_dir, quant=quant, lora=LoraConfig(rank=rank, alpha=2 * rank))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for k, p in model.lora_parameters().items():
+            if "lora_B" in k:
+                p.normal_(0, 0.01, generator=g)
+    return model
+
+
 def run_config(method: str, layers: int, seq: int, steps: int, warmup: int, quant: str | None, rank: int = 16,
-               threads: int | None = None, activations: str = "ram", recompute: bool = True) -> dict:
+               threads: int | None = None, activations: str = "ram", recompute: bool = True,
+               model_dir: str | None = None) -> dict:
+    """Time `steps` training steps (after `warmup`) of one configuration. With model_dir the model is
+    loaded from that folder (a converted folder is memory-mapped, as users run it); otherwise it is
+    built in memory with `build`."""
     if threads:
         torch.set_num_threads(threads)
-    model = build(layers, quant=None if quant in (None, "fp32", "none") else quant, rank=rank)
+    quant = None if quant in (None, "fp32", "none", "stored") else quant
+    if model_dir:
+        model = load(model_dir, quant, rank)
+        layers = model.config.num_layers
+    else:
+        model = build(layers, quant=quant, rank=rank)
     built_rss = peak_rss_mb()
     sel = parse_method(method).validate(layers)
     opt = BlockOptimizer([block_lora_params(b) for b in model.model.layers], lr=1e-4)
@@ -95,11 +116,24 @@ def run_config(method: str, layers: int, seq: int, steps: int, warmup: int, quan
         if step >= warmup:
             rows.append(dict(total=t2 - t0, optimizer=t2 - t1, **res.timings))
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-    return dict(method=method, quant=quant or "fp32", layers=layers, seq=seq, steps=steps, rank=rank,
-                recompute=recompute,
+    return dict(method=method, quant=getattr(model, "quant", None) or "fp32", layers=layers, seq=seq, steps=steps,
+                rank=rank, recompute=recompute,
                 step_time=med["total"], breakdown={k: v for k, v in med.items() if k != "total"},
-                tokens_per_s=seq / med["total"], peak_rss_mb=peak_rss_mb(), rss_after_build_mb=built_rss,
-                loss=res.loss)
+                tokens_per_s=seq / med["total"], peak_rss_mb=peak_rss_mb(), rss_after_load_mb=built_rss,
+                **proc_status(), loss=res.loss)
+
+
+def proc_status() -> dict:
+    """VmHWM (peak resident), and resident anonymous / file-backed memory now, in MB."""
+    out = {}
+    try:
+        for line in open("/proc/self/status"):
+            k, _, v = line.partition(":")
+            if k in ("VmHWM", "RssAnon", "RssFile"):
+                out[k.lower() + "_mb"] = int(v.split()[0]) / 1024
+    except OSError:
+        pass
+    return out
 
 
 def peak_rss_mb() -> float:
@@ -129,3 +163,8 @@ def machine() -> dict:
     import os
     return dict(cpu=cpu, cores=os.cpu_count(), torch=torch.__version__, python=platform.python_version(),
                 date=str(date.today()), threads=torch.get_num_threads())
+
+
+def import_baseline() -> dict:
+    import lcsb  # noqa: F401
+    return dict(peak_rss_mb=peak_rss_mb(), **proc_status())

@@ -186,7 +186,9 @@ def _run_export(args) -> int:
 def _add_train(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune a LoRA adapter (no arguments: the bundled model and chat task)",
                        description="Fine-tune a LoRA adapter. Every option can also be set in a YAML file "
-                                   "given with --config; flags override the file, the file overrides defaults.")
+                                   "given with --config; flags override the file, the file overrides defaults. "
+                                   "Data-parallel: `torchrun --nproc-per-node N -m lcsb train ...` (--batch-size "
+                                   "is per rank; rank 0 writes the run folder).")
     p.add_argument("--config", metavar="YAML", help="YAML file with any of the options below (keys as in "
                                                      "the run's config.yaml: underscores, no dashes)")
     for f in dataclasses.fields(TrainConfig):

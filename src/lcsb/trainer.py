@@ -1,7 +1,8 @@
 """The training run (DESIGN section 7): setup, the step loop, evaluation, checkpoints, resume.
 
 The loop reads top to bottom: pick the roles of this step, run the micro-batches through the
-executor, clip, step the optimizer with the inactive-block policy, log, evaluate, checkpoint.
+executor, reduce (the token-weighted mean gradient; all-reduced across ranks under torchrun, see
+distributed.py), clip, step the optimizer with the inactive-block policy, log, evaluate, checkpoint.
 
 A checkpoint holds everything the next step depends on: adapter, optimizer state, the step
 counter, the data position (epoch and batch index; the order itself is a function of the seed and
@@ -14,9 +15,12 @@ Only safetensors and JSON are written and read, never pickles.
 from __future__ import annotations
 
 import dataclasses
+import errno
+import functools
 import json
 import math
 import os
+import re
 import resource
 import shutil
 import signal
@@ -29,13 +33,16 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from . import checks
 from . import data as datalib
-from .config import LoraConfig, TrainConfig
+from . import distributed
+from .config import TrainConfig
 from .engine.executor import block_lora_params, run_step
 from .engine.selection import Selection
 from .errors import UserError
 from .evaluate import evaluate
 from .lora import save_adapter
+from .memory import check_budget, estimate_run, parse_size
 from .model import load_config, load_model
 from .model.tokenizer import load_tokenizer
 from .optim import BlockOptimizer, clip_grad_norm, schedule_factor
@@ -49,6 +56,12 @@ class NonFiniteError(UserError):
     """The loss or a gradient became NaN/inf; the run stops with its last good checkpoint named."""
 
     exit_code = 3
+
+
+class WriteError(UserError):
+    """The run folder cannot be written (disk full, read-only, permission); the last checkpoint is intact."""
+
+    exit_code = 4
 
 
 def peak_rss_mb() -> float:
@@ -67,12 +80,21 @@ def _fsync_dir(path: Path):
 
 
 def _write_json(path: Path, obj):
+    _write_text(path, json.dumps(obj, indent=2))
+
+
+def _write_text(path: Path, text: str):
+    """Write, fsync, rename: a kill leaves the old file or the new one, never a torn one."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _save_tensors(path: Path, tensors: dict):
@@ -92,38 +114,67 @@ class Position:
 
 def save_checkpoint(run: Path, model, opt: BlockOptimizer, pos: Position, cfg: TrainConfig, stats: dict,
                     keep: int) -> Path:
-    """Write checkpoints/step-N atomically; prune old ones; return its path."""
+    """Write checkpoints/step-N atomically; prune old ones; return its path.
+
+    Everything is written into checkpoints/.tmp-step-N, fsynced and renamed: a kill at any moment
+    leaves the previous checkpoints as they were, and a failed write (disk full, read-only) removes
+    the temporary folder and raises OSError. Folders being replaced or pruned are first renamed to a
+    dot name, so no half-deleted folder ever looks like a checkpoint; dot names left by a kill are
+    removed here.
+    """
     ck = run / "checkpoints"
     ck.mkdir(parents=True, exist_ok=True)
+    for stale in ck.glob(".*-step-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     name = f"step-{pos.step:07d}"
     final, tmp = ck / name, ck / f".tmp-{name}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_adapter(model, tmp, base_model=cfg.model)
-    keys = list(model.lora_parameters())
-    tensors, scalars = {}, {}
-    for i, st in opt.state_dict()["state"].items():
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"{keys[i]}::{k}"] = v
-            else:
-                scalars[f"{keys[i]}::{k}"] = v
-    tensors["rng::torch"] = torch.get_rng_state()
-    _save_tensors(tmp / "optimizer.safetensors", tensors)
-    state = dict(step=pos.step, epoch=pos.epoch, batch=pos.batch, scalars=scalars,
-                 last_trained=sorted(opt.last_trained), stats=stats)
-    _write_json(tmp / "state.json", state)   # written last: its presence marks a complete checkpoint
-    _fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
+    try:
+        tmp.mkdir()
+        save_adapter(model, tmp, base_model=cfg.model)
+        keys = list(model.lora_parameters())
+        tensors, scalars = {}, {}
+        for i, st in opt.state_dict()["state"].items():
+            for k, v in st.items():
+                if torch.is_tensor(v):
+                    tensors[f"{keys[i]}::{k}"] = v
+                else:
+                    scalars[f"{keys[i]}::{k}"] = v
+        tensors["rng::torch"] = torch.get_rng_state()
+        _save_tensors(tmp / "optimizer.safetensors", tensors)
+        state = dict(step=pos.step, epoch=pos.epoch, batch=pos.batch, scalars=scalars,
+                     last_trained=sorted(opt.last_trained), stats=stats)
+        _write_json(tmp / "state.json", state)   # written last: its presence marks a complete checkpoint
+        _fsync_dir(tmp)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise as_oserror(e) or e from None
+    if final.exists():                           # the same step again: set the old one aside, then swap
+        os.replace(final, ck / f".old-{name}")
     os.replace(tmp, final)
     _fsync_dir(ck)
-    _write_json(ck / "latest.json", {"step": pos.step, "path": name})
-    done = sorted(p for p in ck.glob("step-*") if (p / "state.json").exists())
-    for old in done[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    try:                                         # bookkeeping only: the checkpoint above is complete
+        _write_json(ck / "latest.json", {"step": pos.step, "path": name})
+        done = sorted(p for p in ck.glob("step-*") if (p / "state.json").exists())
+        for old in [ck / f".old-{name}", *(done[:-keep] if keep > 0 else [])]:
+            if old.exists():
+                trash = ck / f".trash-{old.name.removeprefix('.old-')}"
+                os.replace(old, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+    except OSError:
+        pass
     return final
+
+
+def as_oserror(e: BaseException) -> OSError | None:
+    """safetensors reports a failed write as SafetensorError("... (os error 28)"): the OSError it stands for."""
+    if isinstance(e, OSError):
+        return e
+    m = re.search(r"os error (\d+)", str(e)) if type(e).__name__ == "SafetensorError" else None
+    if m is None:
+        return None
+    err = OSError(int(m.group(1)), os.strerror(int(m.group(1))))
+    err.__cause__ = e
+    return err
 
 
 def latest_checkpoint(run: Path) -> Path | None:
@@ -244,6 +295,8 @@ def _resumed_config(cfg: TrainConfig) -> TrainConfig:
 
 
 def check_options(cfg: TrainConfig):
+    checks.check_types(cfg)          # a config file or the API can give any option any type
+    checks.check_ranges(cfg)
     for name in ("batch_size", "grad_accum", "max_seq_len", "group_size"):
         if getattr(cfg, name) is not None and getattr(cfg, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
@@ -260,14 +313,52 @@ def check_options(cfg: TrainConfig):
             raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(cfg, name)}")
 
 
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}     # a write failed, whatever the file
+_DENIED = {errno.EACCES, errno.EPERM, errno.EIO}
+
+
+def _write_errors(fn):
+    """A failed write (disk full, read-only, permission) anywhere in the run folder -- log, config,
+    checkpoint, adapter -- becomes one line naming the run folder and its last complete checkpoint,
+    exit status 4 (`WriteError`); an unreadable input file becomes one line too (exit status 2)."""
+
+    @functools.wraps(fn)
+    def wrapped(cfg: TrainConfig, *args, **kw):
+        if not cfg.resume and cfg.out is None:
+            cfg = dataclasses.replace(cfg, out=resolve(cfg).out)     # so the message can name the folder
+        run = Path(cfg.resume or cfg.out)
+        try:
+            return fn(cfg, *args, **kw)
+        except UserError:
+            raise
+        except Exception as e:
+            err = as_oserror(e)
+            if err is None or err.errno not in _FULL | _DENIED:
+                raise
+            where = Path(err.filename) if err.filename else None
+            if err.errno in _DENIED and (where is None or run.resolve() not in [where.resolve(), *where.resolve().parents]):
+                if where is None:
+                    raise
+                raise UserError(f"{where}: {err.strerror}; check the path and its permissions") from e
+            last = latest_checkpoint(run) if run.is_dir() else None
+            raise WriteError(f"cannot write to {run} ({err.strerror}{f': {where}' if where else ''}); the last "
+                             f"complete checkpoint is intact: {last or 'none written yet'}; free space or fix the "
+                             f"folder, then continue with `lcsb train --resume {run}`") from e
+    return wrapped
+
+
+@_write_errors
 def train(cfg: TrainConfig, sources: dict[str, str] | None = None, quiet: bool = False) -> TrainResult:
     """Run a fine-tuning job; returns the run folder and the final metrics."""
+    ddp = distributed.setup()        # under torchrun: this rank in the data-parallel group; else a world of one
+    quiet = quiet or not ddp.main    # rank 0 alone prints (and writes)
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     if cfg.resume:
         cfg = _resumed_config(cfg)
     cfg = resolve(cfg)
     run = Path(cfg.out)
     check_options(cfg)
+    ddp.keep_global_batch(cfg, latest_checkpoint(run) if cfg.resume else None, say)
     if not cfg.resume and latest_checkpoint(run) is not None:
         # a fresh run must not share checkpoints/ with an earlier one: pruning by name could delete the new
         # run's checkpoints and --resume would then continue the old run
@@ -285,57 +376,73 @@ def train(cfg: TrainConfig, sources: dict[str, str] | None = None, quiet: bool =
     elif cfg.max_seq_len > context:
         raise UserError(f"--max-seq-len {cfg.max_seq_len} exceeds the model's context "
                         f"(max_position_embeddings={context} in {cfg.model}/config.json)")
+    if cfg.active is None:
+        cfg.active = max(1, mcfg.num_layers // 4)
+    selection, lora = checks.check_fit(cfg, mcfg, Selection)   # groups vs layers; an --adapter vs the model
     tok = load_tokenizer(cfg.model)
     splits = datalib.load_dataset(cfg.data, tok, max_seq_len=cfg.max_seq_len, mask_prompt=cfg.mask_prompt,
                                   valid_fraction=cfg.valid_fraction, seed=cfg.seed,
                                   on_error="skip" if cfg.skip_bad_lines else "stop")
     train_set = datalib.pack(splits.train, cfg.max_seq_len) if cfg.pack else splits.train
     say(splits.report.summary())
+    # the step's peak memory, from shapes and the longest batch, before a single weight is loaded
+    estimate = estimate_run(cfg, mcfg, lora, selection, train_set, cfg.steps or 512)
+    say(estimate.line())
+    if cfg.max_memory is not None:
+        check_budget(estimate, parse_size(cfg.max_memory))
     torch.manual_seed(cfg.seed)
-    lora = None if cfg.adapter else LoraConfig(cfg.rank, cfg.alpha, cfg.dropout, tuple(cfg.targets))
-    model = load_model(cfg.model, quant=cfg.quant, group_size=cfg.group_size, lora=lora, adapter=cfg.adapter)
+    model = load_model(cfg.model, quant=cfg.quant, group_size=cfg.group_size, lora=None if cfg.adapter else lora,
+                       adapter=cfg.adapter)
     n = model.config.num_layers
-    if cfg.active is None:
-        cfg.active = max(1, n // 4)
-    selection = Selection(cfg.method, cfg.groups, cfg.grouping, cfg.interval, cfg.active, cfg.order,
-                          cfg.seed).validate(n)
     if cfg.inactive == "reset" and cfg.method != "lisa":
         say("note: --inactive reset is LISA's behaviour; it applies to any method but was designed for lisa")
     blocks = [block_lora_params(b) for b in model.model.layers]
     opt = BlockOptimizer(blocks, cfg.lr, cfg.optimizer, cfg.weight_decay, momentum=cfg.momentum,
                          inactive=cfg.inactive)
-    micro_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
+    micro_per_epoch = math.ceil(len(train_set) / (cfg.batch_size * ddp.size))   # global micro-batches
     total = cfg.steps or max(1, int(cfg.epochs * micro_per_epoch / cfg.grad_accum))
     if model.lora_config.dropout > 0:    # the adapter's own dropout when one is loaded, not --dropout
         model.train()
 
     pos, stats = Position(), {"skipped_nonfinite": 0}
-    run.mkdir(parents=True, exist_ok=True)
-    if cfg.resume:
+    if ddp.main:
+        run.mkdir(parents=True, exist_ok=True)
+    if cfg.resume and latest_checkpoint(run) is None:
+        # stopped before its first checkpoint: nothing to lose, so start over with the run's config
+        say(f"{run} has no checkpoint yet: starting from step 0")
+    elif cfg.resume:
         last = latest_checkpoint(run)
-        if last is None:
-            raise UserError(f"{run}: no complete checkpoint to resume from (checkpoints/step-*)")
-        pos, stats = load_checkpoint(last, model, opt)
+        try:
+            pos, stats = load_checkpoint(last, model, opt)
+        except Exception as e:   # written atomically, so this is damage from outside (safetensors, JSON, keys)
+            raise UserError(f"{last}: the checkpoint cannot be read ({type(e).__name__}: {e}); move it out of "
+                            f"{run / 'checkpoints'} to resume from the one before") from None
         say(f"resumed from {last} (step {pos.step})")
-    else:
+    elif ddp.main:
         (run / "log.jsonl").unlink(missing_ok=True)
-    (run / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    stats["global_batch"] = cfg.batch_size * ddp.size     # the unit of pos.batch, kept by a resume
+    # every rank starts from the same LoRA parameters (a collective: all have read the run folder before
+    # rank 0 rewrites it)
+    ddp.check_replicas(model.lora_parameters(), pos.step)
+    if ddp.main:
+        _write_text(run / "config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
     if pos.step >= total:
         say(f"nothing to do: the run is at step {pos.step} of {total}")
 
     history, eval_history = [], []
-    if cfg.resume:
+    if cfg.resume and ddp.main:
         # drop log lines past the checkpoint (and a line cut short by a kill), so the log reads as one
         # uninterrupted run; the curves of the plot start from the kept lines
         kept = _read_log(run / "log.jsonl", pos.step)
         # the end-of-run evaluation follows the last checkpoint: it is done again below, so drop its line
         kept = [r for r in kept if not ("eval_loss" in r and r["step"] >= total)]
-        (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+        _write_text(run / "log.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
         history = [(r["step"], r["loss"]) for r in kept if "loss" in r]
         eval_history = [(r["step"], r["eval_loss"]) for r in kept if "eval_loss" in r]
-    log = open(run / "log.jsonl", "a")
-    writer = _tensorboard(run)
-    batches = Batches(train_set, cfg.batch_size, cfg.seed, pos, tok.pad_token_id)
+    log = open(run / "log.jsonl" if ddp.main else os.devnull, "a")
+    writer = _tensorboard(run) if ddp.main else None
+    batches = (Batches(train_set, cfg.batch_size, cfg.seed, pos, tok.pad_token_id) if ddp.size == 1
+               else ddp.batches(train_set, cfg.batch_size, cfg.seed, pos, tok.pad_token_id))   # this rank's rows
     bar = _progress(total, pos.step, quiet)
     last_ckpt = latest_checkpoint(run)
     eval_result = None
@@ -343,11 +450,16 @@ def train(cfg: TrainConfig, sources: dict[str, str] | None = None, quiet: bool =
 
     def checkpoint():
         nonlocal last_ckpt
+        # every rank: the same LoRA parameters, or stop before writing (rank 0 logs the check)
+        ddp.check_replicas(model.lora_parameters(), pos.step, log, last_ckpt)
+        if not ddp.main:
+            return
         try:
             last_ckpt = save_checkpoint(run, model, opt, pos, cfg, stats, cfg.keep_checkpoints)
         except OSError as e:
-            raise UserError(f"cannot write a checkpoint in {run / 'checkpoints'} ({e.strerror or e}); "
-                            f"the previous one is intact: {last_ckpt}") from None
+            raise WriteError(f"cannot write checkpoint step {pos.step} in {run / 'checkpoints'} ({e.strerror or e}); "
+                             f"the previous checkpoint is intact: {last_ckpt or 'none written yet'}; free space or "
+                             f"fix the folder, then continue with `lcsb train --resume {run}`") from None
 
     with _Interrupt() as stop:
         while pos.step < total:
@@ -355,13 +467,22 @@ def train(cfg: TrainConfig, sources: dict[str, str] | None = None, quiet: bool =
             roles = selection.roles(pos.step, n)
             trained = {i for i, r in enumerate(roles) if r == "train"}
             opt.set_lr_factor(schedule_factor(cfg.schedule, pos.step, total, cfg.warmup))
-            loss_sum, tokens = 0.0, 0
+            ddp.seed_step(cfg.seed, pos.step)
+            loss_sum, tokens, counted = 0.0, 0, 0
             for _ in range(cfg.grad_accum):
                 ids, labels = batches.next()
-                res = run_step(model, ids, labels, roles, cfg.activations, loss_scale=1.0 / cfg.grad_accum,
-                               recompute=cfg.recompute == "on")
-                loss_sum += res.loss / cfg.grad_accum
+                if ids is None:      # this rank's share of an epoch's short last global batch is empty
+                    continue
+                # loss_scale = the micro-batch's counted tokens: .grad sums per-token gradients, and
+                # reduce_step divides by the count over all micro-batches and ranks (a token-weighted mean)
+                res = run_step(model, ids, labels, roles, cfg.activations,
+                               loss_scale=distributed.counted_tokens(labels), recompute=cfg.recompute == "on")
+                loss_sum += res.loss * res.tokens
+                counted += res.tokens
                 tokens += int(ids.numel())
+            # only the trained blocks' gradients are all-reduced; a signal on any rank stops every rank
+            totals = ddp.reduce_step(blocks, trained, loss_sum, counted, tokens, stop)
+            loss_sum, tokens = totals.loss, totals.tokens
             gnorm = clip_grad_norm(opt.params, cfg.clip)
             finite = math.isfinite(loss_sum) and math.isfinite(gnorm)
             if finite:
@@ -377,7 +498,8 @@ def train(cfg: TrainConfig, sources: dict[str, str] | None = None, quiet: bool =
             dt = time.perf_counter() - t0
             line = dict(step=pos.step, loss=loss_sum, lr=opt.lr, trained=sorted(trained), step_time=dt,
                         tokens=tokens, tok_per_s=tokens / dt, grad_norm=gnorm, peak_rss_mb=peak_rss_mb(),
-                        skipped=not finite)
+                        skipped=not finite, skipped_total=stats["skipped_nonfinite"],
+                        allreduce_bytes=totals.comm_bytes)
             log.write(json.dumps(line) + "\n")
             log.flush()
             history.append((pos.step, loss_sum))
@@ -385,7 +507,7 @@ def train(cfg: TrainConfig, sources: dict[str, str] | None = None, quiet: bool =
                 writer.add_scalar("train/loss", loss_sum, pos.step)
             bar.update(line, say, cfg.log_every)
 
-            if cfg.eval_every and pos.step % cfg.eval_every == 0 and pos.step < total and splits.valid:
+            if cfg.eval_every and pos.step % cfg.eval_every == 0 and pos.step < total and splits.valid and ddp.main:
                 eval_result = _eval_and_log(model, splits.valid, cfg, tok, pos, log, writer, eval_history, say)
             if (cfg.save_every and pos.step % cfg.save_every == 0) or stop.signal or pos.step == total:
                 checkpoint()
@@ -395,13 +517,16 @@ def train(cfg: TrainConfig, sources: dict[str, str] | None = None, quiet: bool =
                 interrupted = True
                 break
     bar.close()
-    if not interrupted:
+    if not interrupted and ddp.main:
         if splits.valid:
             eval_result = _eval_and_log(model, splits.valid, cfg, tok, pos, log, writer, eval_history, say)
         save_adapter(model, run, base_model=cfg.model)
         _plot(run, history, eval_history)
         say(f"adapter: {run}/adapter_model.safetensors (PEFT format)\nlog: {run}/log.jsonl"
             + (f"\nplot: {run}/loss.png" if (run / "loss.png").exists() else ""))
+        if stats["skipped_nonfinite"]:
+            say(f"skipped {stats['skipped_nonfinite']} step(s) with a non-finite loss or gradient "
+                "(--skip-nonfinite; `skipped` in log.jsonl)")
     log.close()
     if writer:
         writer.close()

@@ -129,8 +129,10 @@ def head_loss_and_grad(model: CausalLM, hn: torch.Tensor, targets: torch.Tensor,
         acc = acc * rescale[:, None] + (e_w.to(hn.dtype) @ Wj).float()
         s = s * rescale + e.sum(dim=1)
         m = new_m
+        W.release()                                                 # file-backed: drop this chunk's pages
     lse = m + torch.log(s)
     Wt = W.rows(targets, hn.dtype)                                  # [T, H] rows of the targets
+    W.release()
     zt = (hn * Wt).sum(-1).float()
     if cap is not None:
         tt = torch.tanh(zt / cap)
@@ -282,6 +284,7 @@ def eval_step(model: CausalLM, input_ids: torch.Tensor, labels: torch.Tensor) ->
         new_m = torch.maximum(m, cmax)
         s = s * torch.exp(m - new_m) + torch.exp(z - new_m[:, None]).sum(1)
         m = new_m
+        W.release()
         inside = (targets >= lo) & (targets < lo + len(ids))
         zt[inside] = z[inside, targets[inside] - lo]
     loss_sum = float((m + torch.log(s) - zt).sum())

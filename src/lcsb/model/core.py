@@ -107,6 +107,7 @@ class Embedding(nn.Module):
 
     def forward(self, ids, dtype=torch.float32):
         x = self.weight.rows(ids, dtype)
+        self.weight.release()
         if self.scale != 1.0:
             # Gemma scales in the weight dtype, as a tensor: keep the same rounding
             x = x * torch.tensor(self.scale, dtype=dtype)
@@ -297,9 +298,11 @@ class CausalLM(nn.Module):
         """Final norm and LM head over hidden states h [B, S, hidden] -> float32 logits [B, S, V]."""
         # vocabulary chunks: the head (often the largest matrix) is never decompressed whole
         W, hn = self.head_weight(), self.model.norm(h)
-        out = torch.cat([F.linear(hn, W.rows(torch.arange(lo, min(lo + 16384, W.shape[0])), h.dtype)).float()
-                         for lo in range(0, W.shape[0], 16384)], dim=-1)
-        W.release()
+        chunks = []
+        for lo in range(0, W.shape[0], 16384):
+            chunks.append(F.linear(hn, W.rows(torch.arange(lo, min(lo + 16384, W.shape[0])), h.dtype)).float())
+            W.release()
+        out = torch.cat(chunks, dim=-1)
         if self.config.final_softcap is not None:
             out = torch.tanh(out / self.config.final_softcap) * self.config.final_softcap
         return out
