@@ -61,10 +61,14 @@ def save_adapter(model: CausalLM, folder: str | Path, base_model: str | None = N
 
 def _atomic(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    write(str(tmp))
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        write(str(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:            # disk full, killed by Ctrl-C: no half-written file is left behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_adapter_config(folder: Path) -> LoraConfig:
@@ -92,8 +96,82 @@ def read_adapter_config(folder: Path) -> LoraConfig:
         raise UserError(f"{path}: target_modules {bad} do not exist in this model; expected some of {', '.join(LORA_TARGETS)}")
     if "r" not in raw:
         raise UserError(f"{path}: missing field 'r' (the LoRA rank)")
-    return LoraConfig(rank=raw["r"], alpha=raw.get("lora_alpha", raw["r"]), dropout=raw.get("lora_dropout", 0.0),
-                      targets=tuple(targets))
+    r, alpha, dropout = raw["r"], raw.get("lora_alpha", raw["r"]), raw.get("lora_dropout", 0.0)
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise UserError(f"{path}: 'r' (the LoRA rank) must be a positive integer, got {r!r}")
+    for key, v in (("lora_alpha", alpha), ("lora_dropout", dropout)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise UserError(f"{path}: '{key}' must be a number, got {v!r}")
+    try:
+        return LoraConfig(rank=r, alpha=alpha, dropout=dropout, targets=tuple(targets))
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+
+
+def check_adapter(path: str | Path, mcfg, model: str | Path | None = None) -> LoraConfig:
+    """Check an adapter folder against a model's config.json before any weight loads; return its LoraConfig.
+
+    Reads adapter_config.json and only the header of adapter_model.safetensors (names and shapes).
+    Every mismatch names the adapter file and what differs: layers, targets, rank or a projection's size.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    folder = adapter_folder(path)
+    cfg = read_adapter_config(folder)
+    cfg_path, weights = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
+    model_json = f"{model}/config.json" if model is not None else "the model's config.json"
+    if not weights.exists():
+        raise UserError(f"{weights} not found: an adapter folder needs {ADAPTER_WEIGHTS} (PEFT's safetensors format)")
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{weights}: not a readable safetensors file ({e})") from None
+    h, i = mcfg.hidden_size, mcfg.intermediate_size
+    dq, dkv = mcfg.num_heads * mcfg.head_dim, mcfg.num_kv_heads * mcfg.head_dim
+    sizes = {"q_proj": (h, dq), "k_proj": (h, dkv), "v_proj": (h, dkv), "o_proj": (dq, h),
+             "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}       # (in, out)
+    layers, targets = set(), set()
+    for key, shape in shapes.items():
+        name = key.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+        parts = name.split(".")      # base_model.model.model.layers.N.<self_attn|mlp>.<proj>.lora_<A|B>.weight
+        if (len(parts) != 9 or parts[:4] != ["base_model", "model", "model", "layers"] or not parts[4].isdigit()
+                or parts[6] not in sizes or _MODULE_OF[parts[6]] != parts[5] or parts[7] not in ("lora_A", "lora_B")
+                or parts[8] != "weight"):
+            raise UserError(f"{weights}: unexpected tensor {key!r}; expected PEFT LoRA keys "
+                            "base_model.model.model.layers.N.<self_attn|mlp>.<proj>.lora_A.weight / .lora_B.weight")
+        layer, proj, which = int(parts[4]), parts[6], parts[7]
+        layers.add(layer)
+        targets.add(proj)
+        inp, out = sizes[proj]
+        want = (cfg.rank, inp) if which == "lora_A" else (out, cfg.rank)
+        if len(shape) != 2:
+            raise UserError(f"{weights}: {key} has shape {list(shape)}, not a matrix")
+        rank = shape[0] if which == "lora_A" else shape[1]
+        if rank != cfg.rank:
+            raise UserError(f"{weights}: {key} has rank {rank} but {cfg_path} says r={cfg.rank}; "
+                            "the two files do not belong together")
+        if shape != want:
+            size = shape[1] if which == "lora_A" else shape[0]
+            raise UserError(f"{weights}: {key} has shape {list(shape)}: its {proj} has "
+                            f"{'inputs' if which == 'lora_A' else 'outputs'} of size {size}, but the model's {proj} "
+                            f"has {inp if which == 'lora_A' else out} ({model_json}); the adapter was made for a "
+                            "different model")
+    n = mcfg.num_layers
+    if not layers:
+        raise UserError(f"{weights}: no LoRA tensors; the adapter is empty")
+    if max(layers) >= n:
+        raise UserError(f"{weights}: the adapter has LoRA on {max(layers) + 1} layers (0-{max(layers)}), but the model "
+                        f"has {n} (num_hidden_layers in {model_json}); the adapter was made for a different model")
+    if layers != set(range(n)):
+        gone = sorted(set(range(n)) - layers)
+        raise UserError(f"{weights}: the adapter has no LoRA on layer(s) {', '.join(map(str, gone[:8]))} of the "
+                        f"model's {n} (num_hidden_layers in {model_json}); the adapter was made for a different "
+                        "model, or adapts only some layers, which lcsb does not load")
+    if targets != set(cfg.targets):
+        raise UserError(f"{cfg_path}: target_modules lists {', '.join(sorted(cfg.targets))} but {weights} holds LoRA "
+                        f"for {', '.join(sorted(targets))}; the two files do not belong together")
+    return cfg
 
 
 def load_adapter(model: CausalLM, folder: str | Path) -> LoraConfig:

@@ -59,6 +59,9 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, quant: str 
     cfg, family = load_config(folder)
     if quant is not None and quant not in FORMATS:
         raise UserError(f"unknown quantization {quant!r}: choose one of {', '.join(FORMATS)}")
+    if adapter is not None:
+        from ..lora import check_adapter
+        check_adapter(adapter, cfg, folder)     # an adapter made for another model fails before the weights load
     stored = cfg.raw.get("quantization")
     with torch.device("meta"):
         model = CausalLM(cfg, family.Block)

@@ -1,0 +1,241 @@
+"""The peak memory of a training run, estimated before any weight is loaded, and `--max-memory`.
+
+Design note
+-----------
+A user on a phone-class budget sets `--max-memory 800MB`; the run must refuse before it loads
+gigabytes, not die of an OOM kill an hour in. So the trainer estimates the peak resident set of
+the whole process from numbers it has before loading weights: config.json's shapes, the
+quantization, the selection (how many blocks the backward visits), recompute on/off, the LoRA
+rank and targets, the optimizer, and the longest batch of the tokenized data.
+
+What is resident at the step's peak (executor.py's design note says why each exists):
+- runtime: the interpreter, torch, the tokenizer and the tokenized data. Measured, not guessed:
+  the process's resident set when the estimate is made (a bare `import torch` alone is ~220 MB
+  on one machine and different on the next).
+- base weights, compressed: all of them when they were loaded into RAM; for a folder made by
+  `lcsb convert` (memory-mapped) only the block being run and the LM head, whose pages the head
+  pass touches.
+- one block's float weights: `materialized` decompresses a block once for its forward, and again
+  for its recompute and VJP. Nothing for float32 weights: their "decompression" is the weight.
+- block-boundary checkpoints: the input of every block the backward visits, [B, S, hidden] each
+  (recompute on); with recompute off, every visited block's autograd graph instead.
+- one block's autograd activations during its recompute + VJP (what autograd saves: norm outputs,
+  q/k/v after rotary, attention output, the MLP's gate/up/product, plus the gradient buffers
+  alive at the backward's peak).
+- the LM head pass: one vocabulary chunk of the head in float, the chunk's logits and exps for
+  the counted tokens, and the hidden state with its gradient.
+- LoRA parameters, their gradients and the optimizer's state (AdamW: two moments; SGD: a
+  momentum buffer when momentum > 0).
+The step's peak is the larger of the backward's and the head's transients on top of what
+persists; loading has its own (smaller) peak, and the estimate is the larger of the two.
+
+Sizes are binary: 1 MB = 2**20 bytes, the unit the run's log reports peak RSS in.
+tests/test_memory.py compares the estimate with the peak RSS measured in real runs.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import resource
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import LoraConfig, ModelConfig
+from .errors import UserError
+
+MB = 1 << 20
+_UNITS = {"": MB, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": MB, "mb": MB, "mib": MB,
+          "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40}
+F32 = 4
+
+
+def parse_size(value, option: str = "--max-memory") -> int:
+    """'800MB', '2GB', '1.5G', '512m', 800 or '800' (a plain number is MB) -> bytes."""
+    hint = "expected a size such as 800MB, 2GB or 1.5G (a plain number is MB)"
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise UserError(f"{option} {value!r}: {hint}")
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", value)
+        if not m or m.group(2).lower() not in _UNITS:
+            raise UserError(f"{option} {value!r}: {hint}")
+        number, unit = float(m.group(1)), _UNITS[m.group(2).lower()]
+    else:
+        number, unit = float(value), MB
+    size = number * unit
+    if not math.isfinite(size) or size < MB:
+        raise UserError(f"{option} {value!r}: {hint}, and at least 1MB")
+    return int(size)
+
+
+def current_rss() -> int:
+    """Resident set of this process now, in bytes (its high-water mark where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@dataclass
+class MemoryEstimate:
+    total: int                                          # bytes
+    parts: dict[str, int] = field(default_factory=dict)   # bytes by what holds them
+
+    def line(self) -> str:
+        parts = ", ".join(f"{k} {v / MB:.0f}" for k, v in self.parts.items())
+        return f"estimated peak memory: {self.total / MB:.0f} MB ({parts})"
+
+
+def _weight_bytes(fmt: str | None, out: int, inp: int, group_size: int, name: str) -> int:
+    """Bytes of one [out, inp] base weight stored as `fmt` (None: dense float32)."""
+    if fmt is None or fmt == "dense":
+        return out * inp * F32
+    from .quant.formats import quantize
+    try:
+        row = quantize(torch.zeros(1, inp), fmt, group_size).tensors()   # the format's bytes for one row
+    except UserError as e:
+        raise UserError(f"{name}: {e}") from None
+    return out * sum(t.numel() * t.element_size() for t in row.values())
+
+
+def block_linears(mcfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """The projections of one block: name -> (in, out)."""
+    h, i = mcfg.hidden_size, mcfg.intermediate_size
+    dq, dkv = mcfg.num_heads * mcfg.head_dim, mcfg.num_kv_heads * mcfg.head_dim
+    return {"q_proj": (h, dq), "k_proj": (h, dkv), "v_proj": (h, dkv), "o_proj": (dq, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+def estimate(mcfg: ModelConfig, *, fmt: str | None, group_size: int, mapped: bool, lora: LoraConfig,
+             visited: int, recompute: bool, batch: int, seq: int, counted: int, optimizer: str,
+             momentum: float, runtime: int, vocab_chunk: int | None = None) -> MemoryEstimate:
+    """Peak resident bytes of a training run (see the design note).
+
+    Args:
+        mcfg: the model's shape.
+        fmt: base weight format in memory (None: float32); mapped: a `lcsb convert` folder.
+        lora: rank and targets of the adapter.
+        visited: the most blocks the backward visits in one step (selection).
+        batch, seq: the longest micro-batch [B, S]; counted: the most loss-counted tokens in one.
+        runtime: resident bytes of the process before the model loads (measured).
+    """
+    from .engine.executor import VOCAB_CHUNK
+    from .quant.formats import CHUNK_ELEMENTS
+
+    L, H, V, I = mcfg.num_layers, mcfg.hidden_size, mcfg.vocab_size, mcfg.intermediate_size
+    dq, dkv = mcfg.num_heads * mcfg.head_dim, mcfg.num_kv_heads * mcfg.head_dim
+    tokens = batch * seq
+    linears = block_linears(mcfg)
+
+    # base weights
+    block_packed = sum(_weight_bytes(fmt, o, i, group_size, f"model.layers.0.*.{n}.weight")
+                       for n, (i, o) in linears.items())
+    table = _weight_bytes(fmt, V, H, group_size, "model.embed_tokens.weight")
+    head = table if mcfg.tie_word_embeddings else _weight_bytes(fmt, V, H, group_size, "lm_head.weight")
+    small = F32 * (L * (6 * H + dq + 2 * dkv + 2 * mcfg.head_dim) + H)      # norms and biases, kept float
+    c = min(V, vocab_chunk or VOCAB_CHUNK)
+    if mapped:   # file-backed: pages are released after each block and each vocabulary chunk of the head
+        base = block_packed + head * c // V + small
+    else:
+        base = L * block_packed + table + (0 if mcfg.tie_word_embeddings else head) + small
+    dense = fmt is None or fmt == "dense"
+    block_float = 0 if dense else F32 * sum(i * o for i, o in linears.values())
+    if not recompute and visited == L and not dense:
+        block_float = F32 * max(i * o for i, o in linears.values())   # no block is materialized: one Linear at a time
+
+    # what autograd keeps of one block, per token: the norms' outputs (input, post-attention and the
+    # residual), q after rotary, k and v (repeated to every head under GQA), the attention output and
+    # o_proj's input, the MLP's gate, up, activation and product, LoRA's rank-r intermediates
+    rep = mcfg.num_heads // mcfg.num_kv_heads
+    kv_saved = 2 * (dq if rep > 1 else dkv)
+    saved = 4 * H + 3 * dq + kv_saved + 4 * I + 7 * lora.rank
+    extra_norms = 2 * H if mcfg.norm_offset else 0       # Gemma's pre/post feed-forward norms
+    saved += extra_norms
+    grads_alive = 2 * I + 2 * H                          # the VJP's gradient buffers at its widest
+    scores = 0
+    windowed = any(t == "sliding_attention" for t in mcfg.layer_types) and (mcfg.sliding_window or seq) < seq
+    if mcfg.attn_softcap is not None or windowed:        # explicit [heads, S, S] scores (softmax, its grad)
+        scores = 3 * batch * mcfg.num_heads * seq * seq
+    if recompute:    # inputs of the visited blocks persist; one block's graph exists at a time
+        checkpoints = visited * tokens * H * F32
+        activations = (tokens * (saved + grads_alive) + scores) * F32
+    else:            # every visited block's graph persists through the head pass; the VJP's buffers on top
+        checkpoints = visited * (tokens * (saved + H) + scores) * F32
+        activations = tokens * grads_alive * F32
+
+    # the head pass: a float chunk of the head (and its decompression), the chunk's logits, exps and
+    # shifted logits for the counted tokens, their running sums and gradient rows, and h with its gradient
+    lm_head = F32 * (c * H * (1 if dense else 2) + 3 * counted * c + 5 * counted * H + 2 * tokens * H)
+
+    n_lora = L * sum(lora.rank * (i + o) for n, (i, o) in linears.items() if n in lora.targets)
+    states = 2 if optimizer == "adamw" else (1 if momentum else 0)
+    lora_bytes = F32 * n_lora * (2 + states)
+    checkpoint_write = F32 * n_lora * (1 + states)       # the tensors handed to safetensors when saving
+
+    # glibc keeps freed memory for reuse up to its trim threshold, which it raises to twice the largest
+    # block freed so far (at most 2 x 32 MB): the resident set runs that much above the live tensors
+    largest = max(F32 * counted * c, F32 * c * H, F32 * tokens * I,
+                  0 if dense or mapped else F32 * min(CHUNK_ELEMENTS, V * H))
+    slack = min(2 * largest, 64 * MB)
+
+    persistent = runtime + base + lora_bytes + checkpoints + 2 * tokens * H * F32   # + h and g between blocks
+    step = persistent + max(block_float + activations, lm_head, checkpoint_write)
+    # quantize-on-load: a row slice of the matrix being compressed, cast and quantized (three copies)
+    load = runtime + base + (0 if dense or mapped else 3 * F32 * min(CHUNK_ELEMENTS, V * H))
+    parts = {"runtime": runtime, "base weights": base, "block float weights": block_float,
+             "checkpoints" if recompute else "saved graphs": checkpoints, "block activations": activations,
+             "LM head pass": lm_head, "LoRA + optimizer": lora_bytes, "allocator slack": slack}
+    return MemoryEstimate(int(max(step, load) + slack), {k: int(v) for k, v in parts.items()})
+
+
+def max_visited(selection, n: int, steps: int) -> int:
+    """The most blocks the backward visits in any of the first `steps` steps (every step's roles
+    are a function of the step; the cyclic methods repeat within a few hundred steps)."""
+    most = 0
+    for t in range(min(steps, 512)):
+        roles = selection.roles(t, n)
+        trained = [i for i, r in enumerate(roles) if r == "train"]
+        low = trained[0] if trained else n
+        most = max(most, sum(1 for i in range(low, n) if roles[i] != "skip"))
+        if most == n:
+            break
+    return most
+
+
+def warm_up():
+    """Pay now the lazy imports of the first training step, so the measured runtime includes them:
+    torch.autograd.grad with a gradient tensor imports torch.fx's symbolic shapes and sympy on first
+    use (about 40 MB and a second here), which the step would do anyway."""
+    x = torch.zeros(1, requires_grad=True)
+    torch.autograd.grad(x * 2, [x], torch.ones(1))
+
+
+def estimate_run(cfg, mcfg: ModelConfig, lora: LoraConfig, selection, examples, steps: int,
+                 runtime: int | None = None) -> MemoryEstimate:
+    """`estimate` for a TrainConfig and its tokenized training examples; the runtime is this process's
+    resident set after `warm_up`, unless given."""
+    if runtime is None:
+        warm_up()
+    stored = mcfg.raw.get("quantization")
+    fmt = stored.get("format") if isinstance(stored, dict) else cfg.quant
+    group = stored.get("group_size", 64) if isinstance(stored, dict) else cfg.group_size
+    b = cfg.batch_size
+    seq = max((len(e) for e in examples), default=cfg.max_seq_len)
+    counted = sum(sorted((e.n_trained for e in examples), reverse=True)[:b])
+    return estimate(mcfg, fmt=fmt, group_size=group, mapped=bool(stored), lora=lora,
+                    visited=max_visited(selection, mcfg.num_layers, steps), recompute=cfg.recompute == "on",
+                    batch=b, seq=seq, counted=max(1, counted), optimizer=cfg.optimizer, momentum=cfg.momentum,
+                    runtime=current_rss() if runtime is None else runtime)
+
+
+def check_budget(est: MemoryEstimate, limit: int, option: str = "--max-memory"):
+    """Refuse a run whose estimate exceeds `limit` bytes: one line with the parts and what helps."""
+    if est.total <= limit:
+        return
+    parts = ", ".join(f"{k} {v / MB:.0f}" for k, v in est.parts.items())
+    raise UserError(f"estimated peak memory {est.total / MB:.0f} MB exceeds {option} {limit / MB:.0f} MB ({parts}); "
+                    "lower --max-seq-len or --batch-size, compress the base weights (--quant int4, or `lcsb convert`), "
+                    "keep --recompute on, train fewer blocks per step (--method lcsb with more --groups), "
+                    f"or raise {option}")
