@@ -168,3 +168,94 @@ def machine() -> dict:
 def import_baseline() -> dict:
     import lcsb  # noqa: F401
     return dict(peak_rss_mb=peak_rss_mb(), **proc_status())
+
+
+# ------------------------------------------------------------------ transformers + PEFT, the baseline
+
+
+def run_hf(model_dir: str, seq: int, steps: int, warmup: int, checkpointing: bool, rank: int = 16,
+           threads: int | None = None) -> dict:
+    """What a user would run instead: transformers + PEFT in fp32, LoRA on all seven projections,
+    torch AdamW, on the same checkpoint and tokens as the lcsb configurations."""
+    import peft
+    import transformers
+
+    if threads:
+        torch.set_num_threads(threads)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model = peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.01)
+    loaded = peak_rss_mb()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (1, seq), generator=g)
+    times = []
+    for step in range(warmup + steps):
+        t0 = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step >= warmup:
+            times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    return dict(method="transformers+peft" + (" +ckpt" if checkpointing else ""), quant="fp32", seq=seq,
+                steps=steps, rank=rank, step_time=med, tokens_per_s=seq / med, peak_rss_mb=peak_rss_mb(),
+                rss_after_load_mb=loaded, **proc_status(), loss=float(loss))
+
+
+# ------------------------------------------------------------------ the machine's limit
+
+
+def machine_rates(threads: int | None = None) -> dict:
+    """This machine's fp32 matmul rate (GFLOP/s, a 2048^3 sgemm) and memory bandwidth (GB/s, a
+    256 MB copy counted as read + write), best of a few tries."""
+    if threads:
+        torch.set_num_threads(threads)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    gflops = 2 * 2048 ** 3 / best / 1e9
+    x = torch.empty(64 << 20)
+    y = torch.empty_like(x)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        y.copy_(x)
+        best = min(best, time.perf_counter() - t0)
+    return dict(matmul_gflops=gflops, bandwidth_gbs=2 * x.numel() * 4 / best / 1e9)
+
+
+def step_cost(cfg: dict, roles: list[str], seq: int, rank: int, quant: str | None, recompute: bool = True) -> dict:
+    """Matmul FLOPs of one step and bytes of weights it decompresses, counted from the shape.
+
+    Forward: every block's linears and attention, the LM head. Head backward: softmax @ W. Each
+    visited block: its recompute (when on) and its input-gradient VJP (one more linear pass);
+    `train` blocks also the LoRA weight gradients. Decompression: the block's compressed bytes read
+    and float bytes written, once per pass that decompresses it."""
+    h, f, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    d = h // heads
+    T = seq
+    lin = h * heads * d + 2 * h * kv * d + heads * d * h + 3 * h * f          # params of a block's linears
+    lora = rank * ((h + heads * d) * 2 + 2 * (h + kv * d) + 3 * (h + f))     # LoRA params of a block
+    attn = 2 * 2 * T * T * heads * d / 2                                      # QK^T and PV, causal half
+    fwd_block = 2 * T * (lin + lora) + attn
+    bits = {"int4": 4 + 64 / 64, "int8": 8 + 32 / h, "nf4": 4 + 32 / 64}.get(quant, 32)
+    low = roles.index("train") if "train" in roles else len(roles)
+    visited = [i for i, r in enumerate(roles) if i >= low and r != "skip"]
+    flops = len(roles) * fwd_block + 2 * (2 * T * v * h)                      # forward + head (logits, grad)
+    for i in visited:
+        flops += (fwd_block if recompute else 0) + 2 * T * lin + 2 * attn    # recompute, VJP to the input
+        if roles[i] == "train":
+            flops += 2 * 2 * T * lora                                        # LoRA A and B gradients
+    passes = len(roles) + len(visited)
+    dq_bytes = passes * lin * (bits / 8 + 4) + v * h * (bits / 8 + 4)         # blocks + the head once
+    return dict(flops=flops, decompress_bytes=dq_bytes if quant else 0.0)

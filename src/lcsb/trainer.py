@@ -50,6 +50,7 @@ from .optim import BlockOptimizer, clip_grad_norm, schedule_factor
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = REPO / "assets" / "model"
 DEFAULT_DATA = REPO / "assets" / "data" / "chat"
+BUNDLED_DEFAULTS = REPO / "assets" / "train-default.yaml"     # used when neither --model nor --data is given
 
 
 class NonFiniteError(UserError):
@@ -264,13 +265,20 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     cfg = dataclasses.replace(cfg)
     if cfg.resume:
         cfg.out = cfg.resume
+    if cfg.model is None and cfg.data is None and not cfg.resume and BUNDLED_DEFAULTS.exists():
+        # the bundled run: settings tuned for the bundled model and task, under whatever the user set
+        defaults = TrainConfig()
+        for k, v in (yaml.safe_load(BUNDLED_DEFAULTS.read_text()) or {}).items():
+            if getattr(cfg, k) == getattr(defaults, k):
+                setattr(cfg, k, v)
     if cfg.model is None:
         cfg.model = str(DEFAULT_MODEL)
     if cfg.data is None:
         cfg.data = str(DEFAULT_DATA)
     if cfg.out is None:
         cfg.out = str(Path("runs") / f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
-    cfg.targets = list(cfg.targets)
+    if isinstance(cfg.targets, (str, list, tuple)):   # `targets: q_proj` in a YAML file; other types: check_types
+        cfg.targets = [cfg.targets] if isinstance(cfg.targets, str) else list(cfg.targets)
     return cfg
 
 
