@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 from .config import LORA_TARGETS, LoraConfig, TrainConfig
 from .errors import UserError
 
@@ -80,6 +81,8 @@ def check_ranges(cfg: TrainConfig):
     if cfg.max_memory is not None:
         from .memory import parse_size
         parse_size(cfg.max_memory)
+    if cfg.out is not None and Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise UserError(f"--out {cfg.out} is a file; the run folder must be a folder (new or a run's)")
 
 
 def check_fit(cfg: TrainConfig, mcfg, selection_cls) -> tuple[object, LoraConfig]:

@@ -6,6 +6,12 @@ subcommand (train, eval, export, convert, bench) is one more such pair and one l
 
 Errors: a `UserError` prints `lcsb: error: <one line>` on stderr and exits 2 (`--debug` adds the
 traceback); argparse errors exit 2 with one line as well; Ctrl-C exits 130 without a traceback.
+
+Exit status: 0 done; 1 the reader of stdout went away; 2 bad input or a refused run (a file, a field,
+an option, --max-memory), nothing written; 3 a non-finite loss or gradient (`lcsb train`: the step
+and the last good checkpoint are named); 4 the run folder could not be written (disk full,
+read-only, permission), the last complete checkpoint is intact; 130 interrupted (SIGINT/SIGTERM:
+`lcsb train` finished the step and wrote a checkpoint).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import yaml
 from . import __version__, load_config, load_model
 from .config import LoraConfig, TrainConfig
 from .errors import UserError
+from .runtime import tune_malloc
 from .evaluate import encode_prompt, generate_text
 from .model.tokenizer import load_tokenizer
 from .quant.formats import FORMATS
@@ -378,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     argparse's own exits (--help, --version, bad options) raise SystemExit as usual.
     """
     args = build_parser().parse_args(argv)
+    tune_malloc()      # the CLI owns its process: hand freed tensors back to the system (runtime.py)
     try:
         return args.run(args)
     except UserError as e:

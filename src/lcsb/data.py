@@ -232,7 +232,7 @@ class _Reader:
                                          "check the record or raise max_seq_len")
                 except _LineError as e:
                     if self.on_error == "stop":
-                        raise UserError(f"{e} (or skip bad lines with on_error=skip)") from None
+                        raise UserError(f"{e} (or skip bad lines: --skip-bad-lines, on_error='skip' in the API)") from None
                     report.skipped += 1
                     report.errors.append(str(e))
                     continue

@@ -257,3 +257,138 @@ def generate_text(model: CausalLM, tokenizer, prompt_ids: Sequence[int], max_new
             yield piece
     if piece := streamer.end():
         yield piece
+
+
+# ---------------------------------------------------------------- task metrics (bench/quality.py)
+
+
+def _prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """A prompt as training renders it: the user turn of the chat template with the generation prompt,
+    or the plain text (special tokens added) when the tokenizer has no chat template."""
+    if tokenizer.has_chat_template:
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    return tokenizer.encode(prompt)
+
+
+def exact_match(model: CausalLM, tokenizer, records: Sequence[dict], max_new_tokens: int = 16,
+                limit: int = 0, batch_size: int = 32) -> dict:
+    """Share of chat records whose greedy answer equals the reference answer (both stripped).
+
+    Each record is {"messages": [..., {"role": "assistant", "content": answer}]}: the turns before the last
+    are rendered with the chat template and its generation prompt, the model answers greedily until an
+    end-of-sequence id (the tokenizer's and the model config's) or `max_new_tokens`, and the stripped text
+    (special tokens left out) is compared with the stripped answer. Prompts of equal length are decoded
+    together (up to `batch_size` at a time, with a KV cache), which is greedy decoding of each prompt
+    alone, batched. `limit` scores only the first N records (0: all). Returns {"exact_match", "n",
+    "examples"} with the first few (prompt, answer, generated) triples.
+    """
+    recs = list(records[:limit] if limit else records)
+    eos = {*tokenizer.eos_token_ids, *model.config.eos_token_id}
+    prompts = []
+    for rec in recs:
+        *context, _ = rec["messages"]
+        prompts.append(tokenizer.apply_chat_template(list(context), add_generation_prompt=True))
+    by_len: dict[int, list[int]] = {}
+    for i, ids in enumerate(prompts):
+        by_len.setdefault(len(ids), []).append(i)
+    generated: list[list[int]] = [[] for _ in recs]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for length, members in sorted(by_len.items()):
+                steps = min(max_new_tokens, model.config.max_position_embeddings - length)
+                for lo in range(0, len(members), batch_size):
+                    rows = members[lo:lo + batch_size]
+                    cache = KVCache(model.config.num_layers)
+                    ids = torch.tensor([prompts[i] for i in rows], dtype=torch.long, device=_device(model))
+                    done = [False] * len(rows)
+                    for _ in range(steps):
+                        nxt = model(ids, cache=cache, last_only=True)[:, -1].argmax(-1)
+                        for r, i in enumerate(rows):
+                            if not done[r]:
+                                t = int(nxt[r])
+                                done[r] = t in eos
+                                if not done[r]:
+                                    generated[i].append(t)
+                        if all(done):
+                            break
+                        ids = nxt[:, None]
+    finally:
+        model.train(was_training)
+    hits, shown = 0, []
+    for rec, toks in zip(recs, generated):
+        answer = rec["messages"][-1]["content"]
+        text = tokenizer.decode(toks, skip_special_tokens=True)
+        hits += text.strip() == answer.strip()
+        if len(shown) < 5:
+            shown.append({"prompt": rec["messages"][-2]["content"], "answer": answer, "generated": text})
+    return {"exact_match": hits / max(len(recs), 1), "n": len(recs), "examples": shown}
+
+
+def _label_sequences(tokenizer, prompt: str, labels: Sequence[str]) -> tuple[int, list[list[int]]]:
+    """(prompt length, [prompt + label token ids per label]) as training renders a {"prompt",
+    "completion"} record (the chat template's user and assistant turns when there is one), cut after
+    the label's own tokens (the end-of-turn text is not part of the label)."""
+    prompt_ids = _prompt_ids(tokenizer, prompt)
+    seqs = []
+    for label in labels:
+        if tokenizer.has_chat_template:
+            full = tokenizer.render_chat([{"role": "user", "content": prompt},
+                                          {"role": "assistant", "content": label}])
+            before = tokenizer.render_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)
+            ids = tokenizer.encode(full[:len(before) + len(label)], add_special_tokens=False)
+        else:
+            ids = prompt_ids + tokenizer.encode(label, add_special_tokens=False)
+        if ids[:len(prompt_ids)] != prompt_ids or len(ids) <= len(prompt_ids):
+            raise UserError(f"label {label!r} does not tokenize as a continuation of the prompt {prompt!r}")
+        seqs.append(ids)
+    return len(prompt_ids), seqs
+
+
+@torch.no_grad()
+def _score_sequences(model: CausalLM, items: list[tuple[int, list[int]]]) -> list[float]:
+    """Sum of log-probs of the tokens after position n of each (n, ids), in one right-padded batch."""
+    width = max(len(s) for _, s in items)
+    batch = torch.zeros((len(items), width), dtype=torch.long)      # right padding: causal, never attended
+    for i, (_, s) in enumerate(items):
+        batch[i, :len(s)] = torch.tensor(s)
+    logp = torch.log_softmax(model(batch.to(_device(model))).float(), dim=-1)
+    out = []
+    for i, (n, s) in enumerate(items):
+        pos = torch.arange(n - 1, len(s) - 1)                       # position t predicts token t + 1
+        out.append(float(logp[i, pos, torch.tensor(s[n:])].sum()))
+    return out
+
+
+def label_logprobs(model: CausalLM, tokenizer, prompt: str, labels: Sequence[str]) -> list[float]:
+    """Sum of the log-probabilities of each label's tokens after the prompt (the end-of-turn text after
+    the label is not scored)."""
+    n, seqs = _label_sequences(tokenizer, prompt, labels)
+    return _score_sequences(model, [(n, s) for s in seqs])
+
+
+def label_accuracy(model: CausalLM, tokenizer, records: Sequence[dict], labels: Sequence[str],
+                   limit: int = 0, batch_size: int = 16) -> dict:
+    """Accuracy of choosing, for each {"prompt", "completion"} record, the label with the highest
+    `label_logprobs` (`batch_size` records scored per forward pass); `limit` scores only the first N
+    records (0: all). Returns {"accuracy", "n"}."""
+    recs = list(records[:limit] if limit else records)
+    was_training = model.training
+    model.eval()
+    hits = 0
+    try:
+        for lo in range(0, len(recs), batch_size):
+            chunk = recs[lo:lo + batch_size]
+            items = []
+            for rec in chunk:
+                n, seqs = _label_sequences(tokenizer, rec["prompt"], labels)
+                items += [(n, s) for s in seqs]
+            scores = _score_sequences(model, items)
+            for j, rec in enumerate(chunk):
+                mine = scores[j * len(labels):(j + 1) * len(labels)]
+                pred = labels[max(range(len(labels)), key=mine.__getitem__)]
+                hits += pred.strip() == rec["completion"].strip()
+    finally:
+        model.train(was_training)
+    return {"accuracy": hits / max(len(recs), 1), "n": len(recs)}

@@ -1,0 +1,189 @@
+"""The peak-memory estimate (lcsb/memory.py) and --max-memory.
+
+The estimate is checked against references: the peak RSS that real runs measure (in fresh
+processes, on a model wide enough that the weights, activations and LM head are a large share of
+the peak next to the ~250 MB runtime), and the tensors autograd actually saves for one block
+(`torch.autograd.graph.saved_tensors_hooks`). --max-memory is parsed strictly and a run over budget
+is refused before a weight is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import tiny
+from lcsb import trainer
+from lcsb.cli import main
+from lcsb.config import LoraConfig
+from lcsb.engine.selection import Selection
+from lcsb.errors import UserError
+from lcsb.memory import MB, estimate, max_visited, parse_size
+from lcsb.model import load_config, load_model
+from lcsb.model.core import materialized
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("text, mb", [("800MB", 800), ("800mb", 800), ("2GB", 2048), ("1.5G", 1536), ("800", 800),
+                                      (800, 800), (1.5, 1.5), ("512 MiB", 512), ("2g", 2048), ("1048576B", 1),
+                                      ("4096k", 4)])
+def test_parse_size(text, mb):
+    assert parse_size(text) == int(mb * MB)
+
+
+@pytest.mark.parametrize("text", ["lots", "", "-1GB", "0", "0.5MB", "1.5X", "GB", "nan", "inf", True, None, [800]])
+def test_parse_size_refuses(text):
+    with pytest.raises(UserError, match=r"--max-memory .*800MB"):
+        parse_size(text)
+
+
+def wide_model(tiny_folder: Path, dst: Path, layers=2, hidden=512, inter=1536, heads=8, kv=4, vocab=8192) -> Path:
+    """A random Llama wide enough for memory to tell (58 MB of float32), written directly with the tiny
+    model's tokenizer (token ids above its vocabulary are simply never used)."""
+    dst.mkdir(parents=True)
+    for f in tiny_folder.iterdir():
+        if f.name not in ("config.json", "model.safetensors"):
+            shutil.copy2(f, dst / f.name)
+    cfg = json.loads((tiny_folder / "config.json").read_text())
+    hd = hidden // heads
+    cfg.update(num_hidden_layers=layers, hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads,
+               num_key_value_heads=kv, head_dim=hd, vocab_size=vocab, tie_word_embeddings=False,
+               max_position_embeddings=1024)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    g = torch.Generator().manual_seed(0)
+    t = {"model.embed_tokens.weight": torch.randn(vocab, hidden, generator=g) * 0.02,
+         "lm_head.weight": torch.randn(vocab, hidden, generator=g) * 0.02, "model.norm.weight": torch.ones(hidden)}
+    shapes = {"self_attn.q_proj": (heads * hd, hidden), "self_attn.k_proj": (kv * hd, hidden),
+              "self_attn.v_proj": (kv * hd, hidden), "self_attn.o_proj": (hidden, heads * hd),
+              "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden), "mlp.down_proj": (hidden, inter)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        t[p + "input_layernorm.weight"], t[p + "post_attention_layernorm.weight"] = torch.ones(hidden), torch.ones(hidden)
+        for name, shape in shapes.items():
+            t[f"{p}{name}.weight"] = torch.randn(*shape, generator=g) * 0.02
+    save_file(t, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+@pytest.fixture(scope="module")
+def tiny4(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.getbasetemp() / "tiny-llama-4"
+    if not (folder / "config.json").exists():
+        tiny.make_model(folder, layers=4)
+    return folder
+
+
+def long_text(folder: Path, n=8, words=400) -> Path:
+    rng = __import__("random").Random(0)
+    return tiny.write_jsonl(folder / "train.jsonl", [{"text": " ".join(rng.choice(tiny.WORDS) for _ in range(words))}
+                                                     for _ in range(n)]).parent
+
+
+CASES = {   # name: flags; both read the same wide float32 checkpoint
+    "full, float32, recompute on": ["--method", "full", "--max-memory", "64GB"],
+    "lcsb K=2, int8 on load, recompute off": ["--method", "lcsb", "--groups", "2", "--quant", "int8",
+                                              "--recompute", "off"],
+}
+
+
+def test_estimate_matches_measured_peak(tiny4, tmp_path):
+    """Two real runs in fresh processes (at once: two cores): the printed estimate is within 35% of the peak
+    RSS their log measures, and the part that depends on the model (all but the measured runtime) within
+    a factor of two of the measured peak above that runtime."""
+    model = wide_model(tiny4, tmp_path / "wide")
+    data = long_text(tmp_path / "text")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    procs = {}
+    for i, (name, flags) in enumerate(CASES.items()):
+        argv = [sys.executable, "-m", "lcsb", "train", "--model", model, "--data", data, "--out", tmp_path / f"run{i}",
+                "--steps", 2, "--batch-size", 2, "--max-seq-len", 256, "--rank", 16, "--save-every", 0,
+                "--eval-batches", 1, *flags]
+        procs[name] = (subprocess.Popen([str(a) for a in argv], env=env, stderr=subprocess.PIPE, text=True),
+                       tmp_path / f"run{i}")
+    for name, (p, run) in procs.items():
+        err = p.communicate(timeout=600)[1]
+        assert p.returncode == 0, err[-3000:]
+        m = re.search(r"estimated peak memory: (\d+) MB \(runtime (\d+),", err)
+        assert m, err
+        est, runtime = int(m.group(1)), int(m.group(2))
+        steps = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if '"loss"' in line]
+        peak = max(s["peak_rss_mb"] for s in steps)
+        assert 0.65 * peak <= est <= 1.35 * peak, (name, est, peak, err)
+        assert 0.5 <= (est - runtime) / (peak - runtime) <= 2.0, (name, est, runtime, peak)
+
+
+def test_block_activations_are_what_autograd_saves(tiny4):
+    """The per-token activation count of the estimate equals what autograd saves for one block's recompute."""
+    model = load_model(tiny4, quant="int8", lora=LoraConfig(4))
+    cfg, B, S = model.config, 3, 40
+    seen = {}
+
+    def pack(t):
+        if t.shape and t.shape[0] in (B, B * S):   # activations ([B, ...] or flattened [B * S, ...]), not weights
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    block, ctx = model.model.layers[1], model.context(0, S)
+    x = torch.randn(B, S, cfg.hidden_size, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), materialized(block), torch.enable_grad():
+        block(x, ctx)
+    saved = sum(seen.values()) - x.untyped_storage().nbytes()      # the input is the checkpoint, counted apart
+    common = dict(fmt="int8", group_size=64, mapped=False, lora=LoraConfig(4), visited=1, recompute=True, batch=B,
+                  seq=S, counted=1, optimizer="adamw", momentum=0.0, runtime=0)
+    per_token = estimate(cfg, **common).parts["block activations"] / (B * S * 4)
+    grads_alive = 2 * cfg.intermediate_size + 2 * cfg.hidden_size         # alive in the VJP, not saved
+    assert saved / (B * S * 4) == per_token - grads_alive
+
+
+def test_estimate_follows_the_settings(tiny4):
+    cfg, _ = load_config(tiny4)
+    base = dict(fmt=None, group_size=32, mapped=False, lora=LoraConfig(8), visited=4, recompute=True, batch=2,
+                seq=256, counted=512, optimizer="adamw", momentum=0.0, runtime=200 * MB)
+
+    def total(**kw):
+        return estimate(cfg, **{**base, **kw}).total
+
+    assert total(fmt="int4") < total(fmt="int8") < total()                 # compressed weights
+    assert total(fmt="int4", mapped=True) < total(fmt="int4")             # a converted folder, one block resident
+    assert total(visited=1) < total()                                      # LCSB: fewer checkpoints
+    assert total(recompute=False) > total()                                # graphs kept instead
+    assert total(optimizer="sgd") < total()                                # no moments
+    assert total(seq=128) < total() and total(batch=1) < total()
+    assert estimate(cfg, **base).parts["runtime"] == 200 * MB
+    selection = Selection("lcsb", groups=2).validate(4)
+    assert max_visited(selection, 4, 100) == 2 and max_visited(Selection("full").validate(4), 4, 100) == 4
+    assert max_visited(Selection("lcsb-exact", groups=2).validate(4), 4, 100) == 4   # through blocks are visited
+
+
+def test_over_budget_is_refused_before_loading_weights(tiny4, tmp_path, monkeypatch, capsys):
+    data = tiny.make_chat_data(tmp_path / "chat")
+    monkeypatch.setattr(trainer, "load_model", lambda *a, **k: pytest.fail("loaded the weights"))
+    out = tmp_path / "run"
+    try:
+        rc = main([str(a) for a in ["train", "--model", tiny4, "--data", data, "--out", out, "--max-memory", "100MB"]])
+    except SystemExit as e:
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    printed = re.search(r"^estimated peak memory: (\d+) MB \(runtime \d+, base weights", err, re.M)
+    assert printed, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("lcsb: error: estimated peak memory") and "exceeds --max-memory 100 MB" in line, line
+    assert "--max-seq-len" in line and "--quant int4" in line and "Traceback" not in err
+    assert not out.exists()
