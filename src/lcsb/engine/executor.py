@@ -143,6 +143,14 @@ def head_loss_and_grad(model: CausalLM, hn: torch.Tensor, targets: torch.Tensor,
     return loss_sum, grad.to(hn.dtype)
 
 
+def _vjp(out: torch.Tensor, inputs: list[torch.Tensor], g: torch.Tensor):
+    """J^T g for `inputs`, as the gradient of the scalar <out, g>: the same numbers as
+    autograd.grad(out, inputs, g), without the shape checks of grad_outputs, which import sympy on
+    first use (42 MB of resident memory and a second of start-up)."""
+    with torch.enable_grad():
+        return torch.autograd.grad((out * g).sum(), inputs)
+
+
 def run_step(model: CausalLM, input_ids: torch.Tensor, labels: torch.Tensor, roles, activations: str = "ram",
              loss_scale: float = 1.0, recompute: bool = True) -> StepResult:
     """One forward and selective backward. LoRA gradients of `train` blocks are *accumulated* into
@@ -203,7 +211,7 @@ def run_step(model: CausalLM, input_ids: torch.Tensor, labels: torch.Tensor, rol
     g = None
     if visit:
         g_hn = g_hn * (loss_scale / n_tokens)
-        (g,) = torch.autograd.grad(hn, h, g_hn)
+        (g,) = _vjp(hn, [h], g_hn)
     del hn, h
     t2 = time.perf_counter()
     timings["head"] = t2 - t1
@@ -214,7 +222,7 @@ def run_step(model: CausalLM, input_ids: torch.Tensor, labels: torch.Tensor, rol
         need_input_grad = i > low
         if i in graphs:
             x, out = graphs.pop(i)
-            grads = torch.autograd.grad(out, ([x] if need_input_grad else []) + params, g)
+            grads = _vjp(out, ([x] if need_input_grad else []) + params, g)
         else:
             x = ckpt.get(i)
             x.requires_grad_(need_input_grad)
@@ -223,7 +231,7 @@ def run_step(model: CausalLM, input_ids: torch.Tensor, labels: torch.Tensor, rol
                 if i in rng_states:
                     torch.set_rng_state(rng_states[i])
                 out = block(x, ctx)
-                grads = torch.autograd.grad(out, ([x] if need_input_grad else []) + params, g)
+                grads = _vjp(out, ([x] if need_input_grad else []) + params, g)
         if need_input_grad:
             g, grads = grads[0], grads[1:]
         for p, gp in zip(params, grads):
