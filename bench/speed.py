@@ -1,7 +1,7 @@
 """Speed and memory of lcsb against transformers + PEFT, side by side, and against the machine's limit.
 
     python bench/speed.py            # the reference workload: Qwen2.5-0.5B shape, seq 256, batch 1
-    python bench/speed.py --quick    # 4 layers, seq 128: under two minutes
+    python bench/speed.py --quick    # 2 layers, seq 64: under two minutes
     lcsb bench speed ...             # the same
 
 Every configuration runs in its own process, one after the other in this one session, on the same
@@ -69,14 +69,14 @@ def main(argv=None):
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per configuration (median reported)")
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--quick", action="store_true", help="4 layers, seq 128, 3 steps: under two minutes")
+    ap.add_argument("--quick", action="store_true", help="2 layers, seq 64, 2 steps: under two minutes")
     ap.add_argument("--only", nargs="+", help="run only configurations whose name contains one of these")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--workdir", default="/tmp/lcsb-bench")
     ap.add_argument("--out", default=str(HERE / "results" / "speed.json"))
     args = ap.parse_args(argv)
     if args.quick:
-        args.layers, args.seq, args.steps = 4, 128, 3
+        args.layers, args.seq, args.steps = 2, 64, 2
     import workload
 
     models = ensure_models(Path(args.workdir), args.layers)
@@ -107,6 +107,7 @@ def main(argv=None):
             r.update(flops=flops, decompress_bytes=dq, floor_s=floor, over_floor=r["step_time"] / floor)
         r["name"] = name
         rows.append(r)
+        _write(args, rates, rows)          # after every configuration: a long run interrupted keeps what it measured
         print(f"{name:>30}: {r['step_time']:6.2f} s/step  peak {r['peak_rss_mb']:5.0f} MB", file=sys.stderr, flush=True)
 
     base = next((r for r in rows if r["name"] == "transformers+peft fp32"), None)
@@ -127,12 +128,17 @@ def main(argv=None):
         cells += [f"{b[k]:.2f}" if k in b else "-" for k in ("forward", "head", "backward", "decompress", "optimizer")]
         print(f"| {r['name']} | " + " | ".join(cells) + " |")
     print("(decomp is part of fwd and bwd)")
+    _write(args, rates, rows)
+    print(f"wrote {args.out}")
+
+
+def _write(args, rates, rows):
+    import workload
     out = dict(workload=dict(shape="Qwen2.5-0.5B", layers=args.layers, seq=args.seq, batch=1, rank=16,
                              optimizer="AdamW", steps=args.steps, warmup=args.warmup),
                machine=dict(workload.machine(), **rates), results=rows)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
