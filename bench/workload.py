@@ -91,6 +91,8 @@ def run_config(method: str, layers: int, seq: int, steps: int, warmup: int, quan
     """Time `steps` training steps (after `warmup`) of one configuration. With model_dir the model is
     loaded from that folder (a converted folder is memory-mapped, as users run it); otherwise it is
     built in memory with `build`."""
+    from lcsb.runtime import tune_malloc
+    tune_malloc()       # as the lcsb command does
     if threads:
         torch.set_num_threads(threads)
     quant = None if quant in (None, "fp32", "none", "stored") else quant

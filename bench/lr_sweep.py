@@ -1,0 +1,195 @@
+"""The 4-bit stability finding: a learning-rate sweep at int4 and unquantized base weights, full vs LCSB.
+
+    python bench/lr_sweep.py                                  # chat task, 5 lrs x 2 bases x 2 methods
+    python bench/lr_sweep.py --task domain --steps 200 --lrs 1e-3 1e-2
+
+The LCSB paper reports a 3B model diverging under full backprop with 4-bit base weights while LCSB
+converged. This sweep asks the same question of the bundled model: for each learning rate, base
+weights int4 (group 64, quantized on load: TrainConfig.quant="int4") or as shipped (quant=None: the
+bfloat16 checkpoint, computed in float32; "fp32" below), and method full or lcsb K=4, train
+--steps steps with a constant learning rate and no warmup (the library defaults: AdamW, weight
+decay 0.01, gradient clipping at 1.0; batch 4, rank 16, seed 0, skip_nonfinite=False) and record:
+- non-finite: the run stopped with NonFiniteError (the step is recorded);
+- diverged: the final train loss (mean of the last 10 steps) is above the start (mean of the first
+  5), or the final eval loss is above the base model's eval loss on the same valid batches (the
+  base evaluated with the same quantization);
+- ok otherwise.
+Each run is `lcsb.train(TrainConfig(...), quiet=True)` in its own subprocess with one torch thread.
+Writes bench/results/lr_sweep.json and prints the table, whatever the outcome.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ASSETS = REPO / "assets"
+METHODS = {"full": dict(method="full"), "lcsb-K4": dict(method="lcsb", groups=4)}
+QUANTS = {"int4": "int4", "fp32": None}
+
+
+def _worker(spec: dict) -> dict:
+    import torch
+    torch.set_num_threads(1)
+    from lcsb.config import TrainConfig
+    from lcsb.trainer import NonFiniteError, train
+
+    cfg = TrainConfig(**spec["config"])
+    t0 = time.perf_counter()
+    error, nonfinite_step = None, None
+    try:
+        train(cfg, quiet=True)
+    except NonFiniteError as e:
+        error = str(e)
+        m = re.search(r"at step (\d+)", error)
+        nonfinite_step = int(m.group(1)) if m else None
+    wall = time.perf_counter() - t0
+    log = [json.loads(line) for line in open(Path(cfg.out) / "log.jsonl") if line.strip()]
+    steps = [r for r in log if "loss" in r]
+    evals = [dict(step=r["step"], eval_loss=r["eval_loss"]) for r in log if "eval_loss" in r]
+    losses = [r["loss"] for r in steps]
+    return dict(name=spec["name"], quant=spec["quant"], lr=cfg.lr, config=spec["config"], wall=wall,
+                steps_done=len(steps), nonfinite_step=nonfinite_step, error=error,
+                start_train_loss=_mean(losses[:5]), final_train_loss=_mean(losses[-10:]),
+                max_train_loss=max(losses, default=None), max_grad_norm=max((r["grad_norm"] for r in steps), default=None),
+                train_losses=losses, evals=evals, final_eval_loss=evals[-1]["eval_loss"] if evals else None)
+
+
+def _mean(xs):
+    return sum(xs) / len(xs) if xs else None
+
+
+def _base(spec: dict) -> dict:
+    import torch
+    torch.set_num_threads(1)
+    from lcsb import data as datalib
+    from lcsb.evaluate import evaluate
+    from lcsb.model import load_model
+    from lcsb.model.tokenizer import load_tokenizer
+
+    c = spec["config"]
+    tok = load_tokenizer(c["model"])
+    splits = datalib.load_dataset(c["data"], tok, max_seq_len=c["max_seq_len"], mask_prompt=True)
+    model = load_model(c["model"], quant=c.get("quant"), group_size=c.get("group_size", 64))
+    model.eval()
+    r = evaluate(model, splits.valid, c["batch_size"], c["eval_batches"], tok.pad_token_id)
+    return dict(quant=spec["quant"], eval_loss=r["loss"])
+
+
+def _in_subprocess(kind: str, spec: dict) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, __file__, f"--_{kind}", json.dumps(spec)], capture_output=True, text=True,
+                       env=env, cwd=REPO)
+    for line in reversed(p.stdout.splitlines()):
+        if line.startswith("RESULT"):
+            return json.loads(line[len("RESULT"):])
+    raise RuntimeError(f"{kind} {spec.get('name')} failed:\n{p.stderr[-3000:]}")
+
+
+def verdict(r: dict, base_eval: float) -> str:
+    if r["nonfinite_step"] is not None or r["error"]:
+        return f"non-finite at step {r['nonfinite_step']}"
+    vals = [r["final_train_loss"], r["final_eval_loss"]]
+    if any(v is None or not math.isfinite(v) for v in vals):
+        return "non-finite"
+    why = []
+    if r["final_train_loss"] > r["start_train_loss"]:
+        why.append("train loss above start")
+    if r["final_eval_loss"] > base_eval:
+        why.append("eval loss above base")
+    return "diverged (" + ", ".join(why) + ")" if why else "ok"
+
+
+def _f(v, fmt="{:.3f}"):
+    return "-" if v is None else fmt.format(v)
+
+
+def table(results: dict) -> str:
+    lines = ["| base weights | method | lr | outcome | start train loss | final train loss | base eval loss | "
+             "final eval loss | max grad norm |", "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in results["runs"]:
+        base = results["base"][r["quant"]]
+        lines.append(f"| {r['quant']} | {r['name']} | {r['lr']:g} | {r['outcome']} | {_f(r['start_train_loss'])} | "
+                     f"{_f(r['final_train_loss'])} | {base:.3f} | {_f(r['final_eval_loss'])} | "
+                     f"{_f(r['max_grad_norm'], '{:.2f}')} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", default="chat", choices=("domain", "chat", "classify"))
+    ap.add_argument("--lrs", nargs="+", type=float, default=[1e-4, 1e-3, 1e-2, 3e-2, 1e-1])
+    ap.add_argument("--quants", nargs="+", default=list(QUANTS), choices=list(QUANTS))
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval-batches", type=int, default=25)
+    ap.add_argument("--jobs", type=int, default=2, choices=(1, 2))
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "lr_sweep.json"))
+    ap.add_argument("--runs", default="/tmp/lcsb-lr-sweep")
+    ap.add_argument("--_worker", help=argparse.SUPPRESS)
+    ap.add_argument("--_base", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args._worker:
+        print("RESULT" + json.dumps(_worker(json.loads(args._worker))))
+        return
+    if args._base:
+        print("RESULT" + json.dumps(_base(json.loads(args._base))))
+        return
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    common = dict(model=str(ASSETS / "model"), data=str(ASSETS / "data" / args.task), steps=args.steps,
+                  batch_size=args.batch_size, seed=args.seed, rank=16, alpha=32.0, schedule="constant", warmup=0,
+                  max_seq_len=256, eval_every=max(1, args.steps // 3), eval_batches=args.eval_batches, save_every=0,
+                  keep_checkpoints=1, skip_nonfinite=False)
+    t_all = time.perf_counter()
+    base = {}
+    for q in args.quants:
+        base[q] = _in_subprocess("base", dict(quant=q, config=dict(common, quant=QUANTS[q])))["eval_loss"]
+        print(f"{q}: base eval loss {base[q]:.4f}", file=sys.stderr, flush=True)
+    specs = [dict(name=m, quant=q, config=dict(common, **METHODS[m], quant=QUANTS[q], lr=lr,
+                                               out=f"{args.runs}/{stamp}/{q}-{m}-{lr:g}"))
+             for q in args.quants for m in args.methods for lr in args.lrs]
+
+    def one(spec):
+        r = _in_subprocess("worker", spec)
+        r["outcome"] = verdict(r, base[spec["quant"]])
+        print(f"{r['quant']:>5} {r['name']:>8} lr {r['lr']:<7g} {r['outcome']}  train {_f(r['start_train_loss'])} -> "
+              f"{_f(r['final_train_loss'])}  eval {_f(r['final_eval_loss'])}", file=sys.stderr, flush=True)
+        return r
+
+    if args.jobs == 1:
+        runs = [one(s) for s in specs]
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(args.jobs) as ex:
+            runs = list(ex.map(one, specs))
+    results = dict(date=str(date.today()), task=args.task,
+                   settings=dict(common, lrs=args.lrs, quants={q: QUANTS[q] for q in args.quants},
+                                 methods={m: METHODS[m] for m in args.methods}, optimizer="adamw",
+                                 weight_decay=0.01, clip=1.0, threads=1,
+                                 note="fp32 = quant None: the bfloat16 checkpoint as shipped, computed in float32"),
+                   machine=dict(platform=platform.platform(), cpus=os.cpu_count(), python=platform.python_version()),
+                   base=base, runs=runs, total_wall_s=time.perf_counter() - t_all)
+    text = table(results)
+    results["table"] = text
+    print(text)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

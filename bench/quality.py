@@ -1,0 +1,359 @@
+"""Quality of LCSB against full backprop and the baselines on the bundled tasks (DESIGN sections 10, 11).
+
+    python bench/quality.py                                   # 3 tasks x 10 methods, settings below
+    python bench/quality.py --tasks chat --steps 100 --methods full lcsb-K4
+    python bench/quality.py --quick                           # a smoke run: few steps, small test subsets
+
+Every method trains the bundled model (assets/model) on each task for the same number of steps with
+the same seed and the same settings: `assets/train-default.yaml` (lr, batch size, schedule, warmup,
+rank, ...), with --steps / --lr / --batch-size on top, equal for all methods, never tuned per method.
+Each run is `lcsb.train(TrainConfig(...), quiet=True)` in a fresh subprocess with one torch thread
+(`--jobs 2` runs two such processes side by side), evaluated every --eval-every steps on the valid
+split (the same --eval-batches batches every time); the base model is scored once per task for the
+step-0 point (LoRA starts with B = 0, so every method starts there).
+
+Per task and method it reports: the final eval loss; the task metric (domain: eval perplexity on the
+valid split; chat: exact match of greedy answers generated with the chat template on the first
+--test-limit test records; classify: accuracy choosing the label of labels.json with the highest sum
+of log-probs of its tokens after the prompt, on the first --test-limit test records); the training
+time (the steps only: model loading and evaluations are left out) as wall seconds and as CPU seconds
+of the process (a single-threaded process's CPU time is much less sensitive to other load on a shared
+machine than its wall time); the gap of the final eval loss to full's in percent; and the training
+time each method needs to reach full's final eval loss, interpolated linearly between eval points
+("not reached" if it never does). JSON to --out, the eval-loss curves to a PNG beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ASSETS = REPO / "assets"
+TASKS = ("domain", "chat", "classify")
+METRIC = {"domain": "eval_ppl", "chat": "exact_match", "classify": "accuracy"}
+
+# method name -> TrainConfig fields (on top of the common settings)
+METHODS = {
+    "full": dict(method="full"),
+    "lcsb-K2": dict(method="lcsb", groups=2),
+    "lcsb-K4": dict(method="lcsb", groups=4),
+    "lcsb-K2-strided": dict(method="lcsb", groups=2, grouping="strided"),
+    "lcsb-K4-strided": dict(method="lcsb", groups=4, grouping="strided"),
+    "lcsb-exact-K4": dict(method="lcsb-exact", groups=4),
+    "random-2": dict(method="random", active=2),
+    "lisa-2": dict(method="lisa", active=2, interval=10),
+    "badam": dict(method="badam", interval=10),
+    "freeze-2": dict(method="freeze", active=2),
+}
+DEFAULT_FILE = ASSETS / "train-default.yaml"
+SHARED_KEYS = ("lr", "batch_size", "schedule", "warmup", "max_seq_len", "rank", "alpha", "weight_decay",
+               "grad_accum", "clip", "optimizer", "inactive")
+
+
+# ---------------------------------------------------------------- the worker (one subprocess per run)
+
+
+def _worker(spec: dict) -> dict:
+    """Train one configuration with timing hooks; then score the task metric. Runs in its own process."""
+    import torch
+    torch.set_num_threads(1)
+    from lcsb import trainer
+    from lcsb.config import TrainConfig
+
+    marks, clock = [], {"start": None, "eval_wall": 0.0, "eval_cpu": 0.0}
+    run_step, eval_and_log = trainer.run_step, trainer._eval_and_log
+
+    def timed_step(*a, **k):
+        if clock["start"] is None:        # the first micro-batch: setup is over, the clock starts
+            clock["start"] = (time.perf_counter(), time.process_time())
+        return run_step(*a, **k)
+
+    def timed_eval(model, valid, cfg, tok, pos, *a, **k):
+        w0, c0 = time.perf_counter(), time.process_time()
+        sw, sc = clock["start"]
+        train_wall, train_cpu = w0 - sw - clock["eval_wall"], c0 - sc - clock["eval_cpu"]
+        r = eval_and_log(model, valid, cfg, tok, pos, *a, **k)
+        clock["eval_wall"] += time.perf_counter() - w0
+        clock["eval_cpu"] += time.process_time() - c0
+        marks.append(dict(step=pos.step, eval_loss=r["loss"], train_wall=train_wall, train_cpu=train_cpu))
+        return r
+
+    trainer.run_step, trainer._eval_and_log = timed_step, timed_eval
+    cfg = TrainConfig(**spec["config"])
+    w0, c0 = time.perf_counter(), time.process_time()
+    res = trainer.train(cfg, quiet=True)
+    total_wall, total_cpu = time.perf_counter() - w0, time.process_time() - c0
+    log = [json.loads(line) for line in open(Path(res.run) / "log.jsonl")]
+    steps = [r for r in log if "loss" in r]
+    out = dict(name=spec["name"], task=spec["task"], config=spec["config"], curve=marks,
+               final_eval_loss=marks[-1]["eval_loss"] if marks else None,
+               final_train_loss=res.train_loss, train_wall=marks[-1]["train_wall"] if marks else None,
+               train_cpu=marks[-1]["train_cpu"] if marks else None, total_wall=total_wall, total_cpu=total_cpu,
+               step_time_mean=sum(r["step_time"] for r in steps) / max(len(steps), 1),
+               peak_rss_mb=max((r["peak_rss_mb"] for r in steps), default=None), loadavg=os.getloadavg())
+    out.update(_metric(spec["task"], spec["config"]["model"], res.run, spec["config"]["data"], spec["test_limit"],
+                       final_eval_loss=out["final_eval_loss"]))
+    return out
+
+
+def _metric(task: str, model_dir: str, adapter, data: str, test_limit: int, final_eval_loss=None) -> dict:
+    """The task metric of the model (with the adapter of a run folder, or the base model when None)."""
+    from lcsb.evaluate import exact_match, label_accuracy
+    from lcsb.model import load_model
+    from lcsb.model.tokenizer import load_tokenizer
+
+    t0 = time.perf_counter()
+    if task == "domain":
+        return {"eval_ppl": math.exp(final_eval_loss), "metric_time": 0.0}
+    model = load_model(model_dir, adapter=adapter)
+    tok = load_tokenizer(model_dir)
+    records = [json.loads(line) for line in open(Path(data) / "test.jsonl") if line.strip()]
+    if task == "chat":
+        r = exact_match(model, tok, records, max_new_tokens=8, limit=test_limit)
+        return {"exact_match": r["exact_match"], "test_n": r["n"], "samples": r["examples"][:3],
+                "metric_time": time.perf_counter() - t0}
+    labels = json.loads((Path(data) / "labels.json").read_text())
+    r = label_accuracy(model, tok, records, labels, limit=test_limit)
+    return {"accuracy": r["accuracy"], "test_n": r["n"], "metric_time": time.perf_counter() - t0}
+
+
+def _base(spec: dict) -> dict:
+    """The base model's eval loss on the same valid batches, and its task metric: the step-0 point."""
+    import torch
+    torch.set_num_threads(1)
+    from lcsb import data as datalib
+    from lcsb.evaluate import evaluate
+    from lcsb.model import load_model
+    from lcsb.model.tokenizer import load_tokenizer
+
+    c = spec["config"]
+    tok = load_tokenizer(c["model"])
+    splits = datalib.load_dataset(c["data"], tok, max_seq_len=c.get("max_seq_len") or 2048, mask_prompt=True)
+    model = load_model(c["model"])
+    model.eval()
+    r = evaluate(model, splits.valid, c["batch_size"], c["eval_batches"], tok.pad_token_id)
+    out = dict(name="base", task=spec["task"], eval_loss=r["loss"])
+    out.update(_metric(spec["task"], c["model"], None, c["data"], spec["test_limit"], final_eval_loss=r["loss"]))
+    return out
+
+
+def _in_subprocess(kind: str, spec: dict) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, __file__, f"--_{kind}", json.dumps(spec)], capture_output=True, text=True,
+                       env=env, cwd=REPO)
+    for line in reversed(p.stdout.splitlines()):
+        if line.startswith("RESULT"):
+            return json.loads(line[len("RESULT"):])
+    raise RuntimeError(f"{kind} {spec.get('name')} on {spec.get('task')} failed:\n{p.stderr[-3000:]}")
+
+
+# ---------------------------------------------------------------- analysis
+
+
+def time_to_reach(curve: list[dict], start_loss: float, target: float, key: str) -> float | None:
+    """Training time at which the eval loss first reaches `target`, interpolated linearly between eval
+    points (the base model's loss at time 0 is the first point); None if it never does."""
+    pts = [(0.0, start_loss)] + [(m[key], m["eval_loss"]) for m in curve]
+    for (t0, l0), (t1, l1) in zip(pts, pts[1:]):
+        if l1 <= target:
+            if l0 <= target:
+                return t0
+            return t0 + (t1 - t0) * (l0 - target) / (l0 - l1)
+    return None
+
+
+def analyse(results: dict) -> None:
+    """Add gap to full and time to full's final eval loss to every row, in place."""
+    for task, t in results["tasks"].items():
+        rows = t["methods"]
+        full = rows.get("full")
+        for r in rows.values():
+            if full is None:
+                r["gap_pct"] = r["reach_wall"] = r["reach_cpu"] = None
+                continue
+            target = full["final_eval_loss"]
+            r["gap_pct"] = 100.0 * (r["final_eval_loss"] - target) / target
+            r["reach_wall"] = time_to_reach(r["curve"], t["base"]["eval_loss"], target, "train_wall")
+            r["reach_cpu"] = time_to_reach(r["curve"], t["base"]["eval_loss"], target, "train_cpu")
+
+
+def _fmt_metric(task: str, r: dict) -> str:
+    v = r.get(METRIC[task])
+    if v is None:
+        return "-"
+    return f"{v:.1f}" if task == "domain" else f"{100 * v:.1f}%"
+
+
+def table(results: dict) -> str:
+    lines = ["| task | method | final eval loss | gap to full | metric | train wall s | train CPU s | "
+             "wall to full's loss | CPU to full's loss |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for task, t in results["tasks"].items():
+        b = t["base"]
+        lines.append(f"| {task} | (base model) | {b['eval_loss']:.4f} | | {_fmt_metric(task, b)} | | | | |")
+        for name, r in t["methods"].items():
+            gap = "" if r.get("gap_pct") is None else f"{r['gap_pct']:+.2f}%"
+            rw = "not reached" if r.get("reach_wall") is None else f"{r['reach_wall']:.1f}"
+            rc = "not reached" if r.get("reach_cpu") is None else f"{r['reach_cpu']:.1f}"
+            lines.append(f"| {task} | {name} | {r['final_eval_loss']:.4f} | {gap} | {_fmt_metric(task, r)} | "
+                         f"{r['train_wall']:.1f} | {r['train_cpu']:.1f} | {rw} | {rc} |")
+    names = {"domain": "eval perplexity (valid)", "chat": "exact match (test)", "classify": "label accuracy (test)"}
+    lines.append("")
+    lines.append("metric: " + "; ".join(f"{k}: {names[k]}" for k in results["tasks"]))
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    tasks = list(results["tasks"])
+    fig, axes = plt.subplots(2, len(tasks), figsize=(5.5 * len(tasks), 8), squeeze=False)
+    for j, task in enumerate(tasks):
+        t = results["tasks"][task]
+        base = t["base"]["eval_loss"]
+        for name, r in t["methods"].items():
+            style = dict(lw=2.2, color="black") if name == "full" else \
+                dict(lw=2.0) if name == "lcsb-K4" else dict(lw=1.0, alpha=0.85)
+            steps = [0] + [m["step"] for m in r["curve"]]
+            wall = [0.0] + [m["train_wall"] for m in r["curve"]]
+            loss = [base] + [m["eval_loss"] for m in r["curve"]]
+            axes[0][j].plot(steps, loss, marker=".", label=name, **style)
+            axes[1][j].plot(wall, loss, marker=".", label=name, **style)
+        for i, xl in enumerate(("step", "training wall time (s)")):
+            ax = axes[i][j]
+            if "full" in t["methods"]:
+                ax.axhline(t["methods"]["full"]["final_eval_loss"], color="grey", ls=":", lw=1)
+            finals = [r["final_eval_loss"] for r in t["methods"].values()]
+            lo, hi = min(finals), max(max(finals), min(base, max(finals) + 0.6 * (base - min(finals))))
+            ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
+            ax.set_xlabel(xl)
+            ax.set_ylabel("eval loss")
+            ax.set_title(f"{task}")
+            ax.grid(alpha=0.3)
+        axes[0][j].legend(fontsize=7)
+    s = results["settings"]
+    fig.suptitle(f"bundled model, {s['steps']} steps, lr {s['common']['lr']}, batch {s['common']['batch_size']}, "
+                 f"rank {s['common'].get('rank', 16)}, seed {s['seed']} (dotted: full's final eval loss)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+# ---------------------------------------------------------------- main
+
+
+def common_settings(args) -> dict:
+    import yaml
+    base = yaml.safe_load(DEFAULT_FILE.read_text()) if DEFAULT_FILE.exists() else {}
+    common = {k: base[k] for k in SHARED_KEYS if k in base}
+    common.setdefault("lr", 1e-3)
+    common.setdefault("batch_size", 4)
+    for k in ("lr", "batch_size", "schedule", "warmup"):
+        if getattr(args, k) is not None:
+            common[k] = getattr(args, k)
+    return common
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--steps", type=int, default=200, help="optimizer steps, the same for every method")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lr", type=float, help="override train-default.yaml's lr (for every method)")
+    ap.add_argument("--batch-size", type=int, help="override train-default.yaml's batch_size (for every method)")
+    ap.add_argument("--schedule", choices=("constant", "linear", "cosine"), help="override train-default.yaml's")
+    ap.add_argument("--warmup", type=int, help="override train-default.yaml's warmup")
+    ap.add_argument("--eval-every", type=int, help="evaluate every N steps (default: steps / 8)")
+    ap.add_argument("--eval-batches", type=int, default=25, help="valid batches per evaluation (0: all)")
+    ap.add_argument("--test-limit", type=int, default=100, help="test records for exact match / accuracy (0: all)")
+    ap.add_argument("--jobs", type=int, default=1, choices=(1, 2), help="runs side by side (1: fairest timing)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 20 steps, 2 evals, 10 test records")
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "quality.json"))
+    ap.add_argument("--png", help="eval-loss curves (default: --out with .png)")
+    ap.add_argument("--runs", default="/tmp/lcsb-quality", help="where the run folders go")
+    ap.add_argument("--_worker", help=argparse.SUPPRESS)
+    ap.add_argument("--_base", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args._worker:
+        print("RESULT" + json.dumps(_worker(json.loads(args._worker))))
+        return
+    if args._base:
+        print("RESULT" + json.dumps(_base(json.loads(args._base))))
+        return
+    if args.quick:
+        args.steps, args.test_limit = min(args.steps, 20), min(args.test_limit or 10, 10)
+        args.eval_every = args.eval_every or 10
+    eval_every = args.eval_every or max(1, args.steps // 8)
+    common = common_settings(args)
+    settings = dict(steps=args.steps, seed=args.seed, eval_every=eval_every, eval_batches=args.eval_batches,
+                    test_limit=args.test_limit, jobs=args.jobs, common=common, threads=1,
+                    methods={m: METHODS[m] for m in args.methods})
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    specs, bases = [], []
+    for task in args.tasks:
+        cfg = dict(model=str(ASSETS / "model"), data=str(ASSETS / "data" / task), steps=args.steps, seed=args.seed,
+                   eval_every=eval_every, eval_batches=args.eval_batches, save_every=0, keep_checkpoints=1, **common)
+        bases.append(dict(task=task, config=cfg, test_limit=args.test_limit))
+        for name in args.methods:
+            specs.append(dict(name=name, task=task, test_limit=args.test_limit,
+                              config=dict(cfg, **METHODS[name], out=f"{args.runs}/{stamp}/{task}/{name}")))
+    results = dict(date=str(date.today()), machine=dict(platform=platform.platform(), cpus=os.cpu_count(),
+                                                        python=platform.python_version()),
+                   settings=settings, tasks={t: {"base": None, "methods": {}} for t in args.tasks})
+    try:
+        import torch
+        results["machine"]["torch"] = torch.__version__
+    except ImportError:
+        pass
+    t_all = time.perf_counter()
+    for b in bases:
+        r = _in_subprocess("base", b)
+        results["tasks"][b["task"]]["base"] = r
+        print(f"{b['task']:>8} base: eval loss {r['eval_loss']:.4f}", file=sys.stderr, flush=True)
+
+    def one(spec):
+        r = _in_subprocess("worker", spec)
+        print(f"{spec['task']:>8} {spec['name']:>16}: eval loss {r['final_eval_loss']:.4f}  train {r['train_wall']:.1f} s "
+              f"wall / {r['train_cpu']:.1f} s CPU  (load {r['loadavg'][0]:.1f})", file=sys.stderr, flush=True)
+        return r
+
+    if args.jobs == 1:
+        done = [one(s) for s in specs]
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(args.jobs) as ex:
+            done = list(ex.map(one, specs))
+    for spec, r in zip(specs, done):
+        results["tasks"][spec["task"]]["methods"][spec["name"]] = r
+    results["total_wall_s"] = time.perf_counter() - t_all
+    analyse(results)
+    text = table(results)
+    print(text)
+    results["table"] = text
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    png = Path(args.png) if args.png else out.with_suffix(".png")
+    if plot(results, png):
+        print(f"wrote {out} and {png}", file=sys.stderr)
+    else:
+        print(f"wrote {out} (no matplotlib: no plot)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
