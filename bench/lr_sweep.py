@@ -10,10 +10,11 @@ bfloat16 checkpoint, computed in float32; "fp32" below), and method full or lcsb
 --steps steps with a constant learning rate and no warmup (the library defaults: AdamW, weight
 decay 0.01, gradient clipping at 1.0; batch 4, rank 16, seed 0, skip_nonfinite=False) and record:
 - non-finite: the run stopped with NonFiniteError (the step is recorded);
-- diverged: the final train loss (mean of the last 10 steps) is above the start (mean of the first
-  5), or the final eval loss is above the base model's eval loss on the same valid batches (the
-  base evaluated with the same quantization);
-- ok otherwise.
+- diverged: the final eval loss is above the base model's eval loss on the same valid batches (the
+  base evaluated with the same quantization), or the final train loss (mean of the last 10 steps)
+  is above the start (the loss of step 1, computed before any update);
+- ok otherwise. The peak train loss shows the spikes of runs that recovered.
+`--from-json FILE` re-renders the table (and verdicts) of an earlier run without training.
 Each run is `lcsb.train(TrainConfig(...), quiet=True)` in its own subprocess with one torch thread.
 Writes bench/results/lr_sweep.json and prints the table, whatever the outcome.
 """
@@ -60,7 +61,7 @@ def _worker(spec: dict) -> dict:
     losses = [r["loss"] for r in steps]
     return dict(name=spec["name"], quant=spec["quant"], lr=cfg.lr, config=spec["config"], wall=wall,
                 steps_done=len(steps), nonfinite_step=nonfinite_step, error=error,
-                start_train_loss=_mean(losses[:5]), final_train_loss=_mean(losses[-10:]),
+                start_train_loss=losses[0] if losses else None, final_train_loss=_mean(losses[-10:]),
                 max_train_loss=max(losses, default=None), max_grad_norm=max((r["grad_norm"] for r in steps), default=None),
                 train_losses=losses, evals=evals, final_eval_loss=evals[-1]["eval_loss"] if evals else None)
 
@@ -103,10 +104,10 @@ def verdict(r: dict, base_eval: float) -> str:
     if any(v is None or not math.isfinite(v) for v in vals):
         return "non-finite"
     why = []
-    if r["final_train_loss"] > r["start_train_loss"]:
-        why.append("train loss above start")
     if r["final_eval_loss"] > base_eval:
         why.append("eval loss above base")
+    if r["final_train_loss"] > r["start_train_loss"]:
+        why.append("train loss above start")
     return "diverged (" + ", ".join(why) + ")" if why else "ok"
 
 
@@ -115,12 +116,13 @@ def _f(v, fmt="{:.3f}"):
 
 
 def table(results: dict) -> str:
-    lines = ["| base weights | method | lr | outcome | start train loss | final train loss | base eval loss | "
-             "final eval loss | max grad norm |", "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| base weights | method | lr | outcome | train loss: step 1 | peak | final (last 10) | "
+             "eval loss: base | final | max grad norm |",
+             "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in results["runs"]:
         base = results["base"][r["quant"]]
         lines.append(f"| {r['quant']} | {r['name']} | {r['lr']:g} | {r['outcome']} | {_f(r['start_train_loss'])} | "
-                     f"{_f(r['final_train_loss'])} | {base:.3f} | {_f(r['final_eval_loss'])} | "
+                     f"{_f(r['max_train_loss'])} | {_f(r['final_train_loss'])} | {base:.3f} | {_f(r['final_eval_loss'])} | "
                      f"{_f(r['max_grad_norm'], '{:.2f}')} |")
     return "\n".join(lines)
 
@@ -138,9 +140,22 @@ def main(argv=None):
     ap.add_argument("--jobs", type=int, default=2, choices=(1, 2))
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "lr_sweep.json"))
     ap.add_argument("--runs", default="/tmp/lcsb-lr-sweep")
+    ap.add_argument("--from-json", help="re-render the verdicts and table of this earlier result; no training")
     ap.add_argument("--_worker", help=argparse.SUPPRESS)
     ap.add_argument("--_base", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.from_json:
+        results = json.loads(Path(args.from_json).read_text())
+        for r in results["runs"]:
+            losses = r["train_losses"]
+            r["start_train_loss"] = losses[0] if losses else None
+            r["final_train_loss"] = _mean(losses[-10:])
+            r["outcome"] = verdict(r, results["base"][r["quant"]])
+        results["table"] = table(results)
+        print(results["table"])
+        Path(args.out).write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.out}", file=sys.stderr)
+        return
     if args._worker:
         print("RESULT" + json.dumps(_worker(json.loads(args._worker))))
         return
