@@ -202,7 +202,7 @@ def main(argv=None):
     print(text)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
+    out.write_text(json.dumps(results, indent=2).replace(str(REPO) + "/", ""))   # paths relative to the repo
     print(f"wrote {out}", file=sys.stderr)
 
 

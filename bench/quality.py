@@ -347,7 +347,7 @@ def main(argv=None):
     results["table"] = text
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
+    out.write_text(json.dumps(results, indent=2).replace(str(REPO) + "/", ""))   # paths relative to the repo
     png = Path(args.png) if args.png else out.with_suffix(".png")
     if plot(results, png):
         print(f"wrote {out} and {png}", file=sys.stderr)
