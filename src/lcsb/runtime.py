@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
 _done = False
 
 
-def tune_malloc(threshold: int = 64 * 1024, arenas: int = 2) -> bool:
-    """Fix glibc's mmap and trim thresholds and cap its arenas; False where there is no glibc."""
+def tune_malloc(threshold: int = 64 * 1024, arenas: int = 2, trim: int | None = None) -> bool:
+    """Fix glibc's mmap and trim thresholds and cap its arenas; False where there is no glibc.
+    LCSB_MMAP_THRESHOLD, LCSB_TRIM_THRESHOLD and LCSB_ARENA_MAX (bytes, bytes, count) override."""
     global _done
     if _done:
         return True
@@ -27,7 +29,11 @@ def tune_malloc(threshold: int = 64 * 1024, arenas: int = 2) -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
+    threshold = int(os.environ.get("LCSB_MMAP_THRESHOLD", threshold))
+    trim = int(os.environ.get("LCSB_TRIM_THRESHOLD", threshold if trim is None else trim))
+    arenas = int(os.environ.get("LCSB_ARENA_MAX", arenas))
     ok = all(mallopt(opt, val) == 1 for opt, val in
-             ((M_MMAP_THRESHOLD, threshold), (M_TRIM_THRESHOLD, threshold), (M_ARENA_MAX, arenas)))
+             ((M_MMAP_THRESHOLD, threshold), (M_TRIM_THRESHOLD, trim), (M_ARENA_MAX, arenas)))
     _done = ok
     return ok
+

@@ -112,24 +112,25 @@ def head_loss_and_grad(model: CausalLM, hn: torch.Tensor, targets: torch.Tensor,
     m = torch.full((T,), float("-inf"), dtype=torch.float32)
     s = torch.zeros(T, dtype=torch.float32)
     acc = torch.zeros_like(hn, dtype=torch.float32)
-    for lo in range(0, V, chunk):
-        ids = torch.arange(lo, min(lo + chunk, V))
-        Wj = W.rows(ids, hn.dtype)                                  # [c, H], decompressed once
-        z = (hn @ Wj.T).float()                                     # [T, c]
-        if cap is not None:
-            t = torch.tanh(z / cap)
-            z, dz = t * cap, 1 - t * t                              # capped logits and their slope
-        new_m = torch.maximum(m, z.amax(dim=1))
-        rescale = torch.exp(m - new_m)
-        e = torch.exp(z - new_m[:, None])
-        if cap is not None:
-            e_w = e * dz
-        else:
-            e_w = e
-        acc = acc * rescale[:, None] + (e_w.to(hn.dtype) @ Wj).float()
-        s = s * rescale + e.sum(dim=1)
-        m = new_m
-        W.release()                                                 # file-backed: drop this chunk's pages
+    with model.workspace.lease([(min(chunk, V), hn.shape[1])], hn.dtype, hn.device) as (buf,):
+        for lo in range(0, V, chunk):
+            hi = min(lo + chunk, V)
+            Wj = W.row_block(lo, hi, hn.dtype, out=buf[:hi - lo])   # [c, H], decompressed once
+            z = (hn @ Wj.T).float()                                 # [T, c]
+            if cap is not None:
+                t = torch.tanh(z / cap)
+                z, dz = t * cap, 1 - t * t                          # capped logits and their slope
+            new_m = torch.maximum(m, z.amax(dim=1))
+            rescale = torch.exp(m - new_m)
+            e = torch.exp(z - new_m[:, None])
+            if cap is not None:
+                e_w = e * dz
+            else:
+                e_w = e
+            acc = acc * rescale[:, None] + (e_w.to(hn.dtype) @ Wj).float()
+            s = s * rescale + e.sum(dim=1)
+            m = new_m
+            W.release()                                             # file-backed: drop this chunk's pages
     lse = m + torch.log(s)
     Wt = W.rows(targets, hn.dtype)                                  # [T, H] rows of the targets
     W.release()
@@ -197,7 +198,7 @@ def run_step(model: CausalLM, input_ids: torch.Tensor, labels: torch.Tensor, rol
                 ckpt.put(i, h)
                 if _has_dropout(block):
                     rng_states[i] = torch.get_rng_state()
-            with materialized(block, model.dtype, timings):
+            with materialized(block, model.dtype, timings, model.workspace):
                 h = block(h, ctx)
     t1 = time.perf_counter()
     timings["forward"] = t1 - t0
@@ -227,7 +228,7 @@ def run_step(model: CausalLM, input_ids: torch.Tensor, labels: torch.Tensor, rol
             x = ckpt.get(i)
             x.requires_grad_(need_input_grad)
             fork = torch.random.fork_rng(devices=[]) if i in rng_states else contextlib.nullcontext()
-            with fork, materialized(block, model.dtype, timings), torch.enable_grad():
+            with fork, materialized(block, model.dtype, timings, model.workspace), torch.enable_grad():
                 if i in rng_states:
                     torch.set_rng_state(rng_states[i])
                 out = block(x, ctx)
@@ -271,7 +272,7 @@ def eval_step(model: CausalLM, input_ids: torch.Tensor, labels: torch.Tensor) ->
     h = model.embed(input_ids)
     ctx = model.context(0, input_ids.shape[1], input_ids.device)
     for block in model.model.layers:
-        with materialized(block, model.dtype):
+        with materialized(block, model.dtype, workspace=model.workspace):
             h = block(h, ctx)
     hn = model.model.norm(h)[counted]
     targets = shifted[counted]
@@ -283,7 +284,7 @@ def eval_step(model: CausalLM, input_ids: torch.Tensor, labels: torch.Tensor) ->
     zt = torch.zeros(hn.shape[0])
     for lo in range(0, W.shape[0], VOCAB_CHUNK):
         ids = torch.arange(lo, min(lo + VOCAB_CHUNK, W.shape[0]))
-        z = (hn @ W.rows(ids, hn.dtype).T).float()
+        z = (hn @ W.row_block(lo, lo + len(ids), hn.dtype).T).float()
         if cap is not None:
             z = torch.tanh(z / cap) * cap
         cmax, carg = z.max(dim=1)

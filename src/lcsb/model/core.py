@@ -79,23 +79,82 @@ class Linear(nn.Module):
         return super()._apply(fn, recurse)
 
 
+class Workspace:
+    """One reusable buffer for decompressed weights: a block's float copies, or an LM-head chunk.
+
+    Decompressing into fresh memory costs a page fault per 4 KB, and with glibc handing large blocks
+    back to the system (runtime.py) a block's float weights (60 MB on Qwen2.5-0.5B) would be faulted
+    in afresh for every block, forward and backward. One buffer, leased to one user at a time, is
+    faulted in once. A second lease while one is held is a bug and raises.
+    """
+
+    ALIGN = 16                                   # elements: every view starts on a 64-byte boundary
+
+    def __init__(self):
+        self._buf: torch.Tensor | None = None
+        self._busy = False
+
+    @contextlib.contextmanager
+    def lease(self, shapes, dtype: torch.dtype, device=None):
+        """Views of the buffer with the given shapes, valid until the context exits."""
+        if self._busy:
+            raise RuntimeError("the decompression workspace is already leased")
+        device = torch.device(device or "cpu")
+        sizes = [math.prod(s) for s in shapes]
+        total = sum(-(-n // self.ALIGN) * self.ALIGN for n in sizes)
+        buf = self._buf
+        if buf is None or buf.numel() < total or buf.dtype != dtype or buf.device != device:
+            self._buf = buf = None                # drop the old one before allocating the new
+            self._buf = buf = torch.empty(total, dtype=dtype, device=device)
+        views, at = [], 0
+        for shape, n in zip(shapes, sizes):
+            views.append(buf[at:at + n].view(shape))
+            at += -(-n // self.ALIGN) * self.ALIGN
+        self._busy = True
+        try:
+            yield views
+        finally:
+            self._busy = False
+
+    def clear(self):
+        """Give the buffer back (after training, before a long idle phase)."""
+        if self._busy:
+            raise RuntimeError("the decompression workspace is in use")
+        self._buf = None
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self._buf is None else self._buf.numel() * self._buf.element_size()
+
+
 @contextlib.contextmanager
-def materialized(module: nn.Module, dtype: torch.dtype = torch.float32, timings: dict | None = None):
+def materialized(module: nn.Module, dtype: torch.dtype = torch.float32, timings: dict | None = None,
+                 workspace: Workspace | None = None):
     """Decompress every base weight under `module` once; reuse the float copies until exit, then
-    drop them and let file-backed storage release its pages. Adds the time spent to
-    timings["decompress"] when given."""
+    drop them and let file-backed storage release its pages. With a `workspace` the copies live in
+    its buffer (no fresh memory per block). Adds the time spent to timings["decompress"] when given."""
     linears = [m for m in module.modules() if isinstance(m, Linear)]
-    try:
-        t0 = time.perf_counter()
-        for m in linears:
-            m.cached = m.weight.dequantize(dtype)
-        if timings is not None:
-            timings["decompress"] = timings.get("decompress", 0.0) + time.perf_counter() - t0
-        yield
-    finally:
-        for m in linears:
-            m.cached = None
-            m.weight.release()
+    lease = (workspace.lease([m.weight.shape for m in linears], dtype, _device_of(linears))
+             if workspace is not None else contextlib.nullcontext([None] * len(linears)))
+    with lease as bufs:
+        try:
+            t0 = time.perf_counter()
+            for m, buf in zip(linears, bufs):
+                m.cached = m.weight.dequantize(dtype, out=buf)
+            if timings is not None:
+                timings["decompress"] = timings.get("decompress", 0.0) + time.perf_counter() - t0
+            yield
+        finally:
+            for m in linears:
+                m.cached = None
+                m.weight.release()
+
+
+def _device_of(linears) -> torch.device:
+    for m in linears:
+        for t in m.weight.tensors().values():
+            return t.device
+    return torch.device("cpu")
 
 
 class Embedding(nn.Module):
@@ -280,6 +339,7 @@ class CausalLM(nn.Module):
         self.model = Backbone(cfg, block_cls)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, False)
         self.dtype = torch.float32
+        self.workspace = Workspace()                # decompressed weights, reused block after block
 
     @property
     def layers(self):
@@ -300,7 +360,7 @@ class CausalLM(nn.Module):
         W, hn = self.head_weight(), self.model.norm(h)
         chunks = []
         for lo in range(0, W.shape[0], 16384):
-            chunks.append(F.linear(hn, W.rows(torch.arange(lo, min(lo + 16384, W.shape[0])), h.dtype)).float())
+            chunks.append(F.linear(hn, W.row_block(lo, min(lo + 16384, W.shape[0]), h.dtype)).float())
             W.release()
         out = torch.cat(chunks, dim=-1)
         if self.config.final_softcap is not None:

@@ -11,7 +11,9 @@ embedding gathers rows with `rows(ids)` without decompressing the whole table.
 - `nf4`: QLoRA's 4-bit NormalFloat: the 16 quantiles of N(0, 1) scaled to [-1, 1], group-wise
   absmax, w = code[q] * absmax. 4 + 32/group bits.
 
-`dequantize()` bumps `STATS["dequantize"]` so tests can count decompressions. `quantize()` works
+`dequantize()` bumps `STATS["dequantize"]` so tests can count decompressions; it and `row_block()`
+can write into a caller's buffer (`out=`), and use the compiled kernel of kernels.py for float32
+on the CPU (the torch code otherwise, with the same results). `quantize()` works
 through the rows `CHUNK_ELEMENTS` elements at a time: every format is row-wise, so the result is
 the same, and a 150k-row embedding needs tens of MB of temporaries instead of a few GB.
 """
@@ -23,6 +25,7 @@ from typing import Callable
 import torch
 
 from ..errors import UserError
+from . import kernels
 
 STATS = {"dequantize": 0}
 CHUNK_ELEMENTS = 1 << 22          # elements quantized at a time (16 MB of float32)
@@ -45,11 +48,17 @@ class Weight:
     def __init__(self, shape: tuple[int, int]):
         self.shape = tuple(shape)
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def dequantize(self, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The float [out, in] matrix, written into `out` when given (a reusable buffer)."""
         STATS["dequantize"] += 1
-        return self._dequantize(dtype)
+        return self._block(0, self.shape[0], dtype, out)
 
-    def _dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+    def row_block(self, lo: int, hi: int, dtype: torch.dtype = torch.float32,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows lo:hi as float [hi - lo, in]: a slice of the storage, no gather (the LM head's chunks)."""
+        return self._block(lo, hi, dtype, out)
+
+    def _block(self, lo: int, hi: int, dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -86,8 +95,8 @@ class Dense(Weight):
         super().__init__(w.shape)
         self.w = w
 
-    def _dequantize(self, dtype):
-        return self.w.to(dtype)
+    def _block(self, lo, hi, dtype, out):
+        return _into(out, self.w[lo:hi].to(dtype))
 
     def rows(self, ids, dtype=torch.float32):
         return self.w[ids].to(dtype)
@@ -114,14 +123,30 @@ class Int8(Weight):
             scale[rows] = s
         return cls(q, scale)
 
-    def _dequantize(self, dtype):
-        return self.q.to(dtype).mul_(self.scale[:, None].to(dtype))
+    def _block(self, lo, hi, dtype, out):
+        q, scale = self.q[lo:hi], self.scale[lo:hi]
+        buf = out if out is not None else _kernel_buffer(q.shape[0], self.shape[1], dtype, q.device)
+        if buf is not None and kernels.dequantize("int8", q, scale, None, buf):
+            return buf
+        return _into(out, q.to(dtype).mul_(scale[:, None].to(dtype)))
 
     def rows(self, ids, dtype=torch.float32):
         return self.q[ids].to(dtype).mul_(self.scale[ids][..., None].to(dtype))
 
     def tensors(self):
         return {"weight": self.q, "scales": self.scale}
+
+
+def _into(out: torch.Tensor | None, t: torch.Tensor) -> torch.Tensor:
+    """`t`, or `out` filled with it."""
+    return t if out is None else out.copy_(t)
+
+
+def _kernel_buffer(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """A new output buffer where the compiled kernel can fill it (float32 on the CPU), else None."""
+    if dtype != torch.float32 or device.type != "cpu" or kernels.library() is None:
+        return None
+    return torch.empty(rows, cols, dtype=dtype)
 
 
 def _pack_nibbles(q: torch.Tensor) -> torch.Tensor:
@@ -182,8 +207,12 @@ class Int4(Weight):
         q = _unpack_nibbles(packed).to(dtype).unflatten(-1, (-1, self.group_size))
         return q.mul_(scales[..., None].to(dtype)).add_(biases[..., None].to(dtype)).flatten(-2)
 
-    def _dequantize(self, dtype):
-        return self._groups(self.packed, self.scales, self.biases, dtype)
+    def _block(self, lo, hi, dtype, out):
+        packed, scales, biases = self.packed[lo:hi], self.scales[lo:hi], self.biases[lo:hi]
+        buf = out if out is not None else _kernel_buffer(packed.shape[0], self.shape[1], dtype, packed.device)
+        if buf is not None and kernels.dequantize("int4", packed, scales, biases, buf, self.group_size):
+            return buf
+        return _into(out, self._groups(packed, scales, biases, dtype))
 
     def rows(self, ids, dtype=torch.float32):
         return self._groups(self.packed[ids], self.scales[ids], self.biases[ids], dtype)
@@ -221,8 +250,12 @@ class NF4(Weight):
         v = pairs.index_select(0, packed.reshape(-1).int()).view(*packed.shape[:-1], -1, self.group_size)
         return v.mul_(absmax[..., None].to(dtype)).flatten(-2)
 
-    def _dequantize(self, dtype):
-        return self._groups(self.packed, self.absmax, dtype)
+    def _block(self, lo, hi, dtype, out):
+        packed, absmax = self.packed[lo:hi], self.absmax[lo:hi]
+        buf = out if out is not None else _kernel_buffer(packed.shape[0], self.shape[1], dtype, packed.device)
+        if buf is not None and kernels.dequantize("nf4", packed, absmax, NF4_CODE, buf, self.group_size):
+            return buf
+        return _into(out, self._groups(packed, absmax, dtype))
 
     def rows(self, ids, dtype=torch.float32):
         return self._groups(self.packed[ids], self.absmax[ids], dtype)
