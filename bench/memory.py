@@ -44,7 +44,9 @@ def ensure_models(work: Path) -> Path:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default="/tmp/lcsb-bench")
-    ap.add_argument("--methods", nargs="+", default=["full", "lcsb:4"])
+    ap.add_argument("--methods", nargs="+", default=["full", "full@decompress=linear@activations=disk", "lcsb:4",
+                                                     "lcsb:4@decompress=linear@activations=disk"],
+                    help="methods, with options after @: recompute=on|off, decompress=block|linear, activations=ram|disk")
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--out", default=str(HERE / "results" / "memory.json"))
@@ -56,7 +58,7 @@ def main(argv=None):
         r = workload.in_subprocess("run_config", method=m, layers=0, seq=args.seq, steps=args.steps, warmup=1,
                                    quant="stored", model_dir=str(model_dir))
         rows.append(r)
-        print(f"{m:>8}: peak RSS {r['peak_rss_mb']:.0f} MB (anon at end {r.get('rssanon_mb', 0):.0f} MB, "
+        print(f"{m:>40}: peak RSS {r['peak_rss_mb']:.0f} MB (anon at end {r.get('rssanon_mb', 0):.0f} MB, "
               f"file {r.get('rssfile_mb', 0):.0f} MB), {r['step_time']:.1f} s/step", flush=True)
     base = workload.in_subprocess("import_baseline")
     print(f"bare `import torch, lcsb`: {base['peak_rss_mb']:.0f} MB")

@@ -16,7 +16,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 import workload  # noqa: E402
 
-DEFAULT = ["full", "lcsb:2", "lcsb:4", "lcsb:8", "lcsb-exact:4", "lisa:2", "badam", "freeze:6"]
+DEFAULT = ["full", "lcsb:2", "lcsb:4", "lcsb:8", "lcsb-exact:4", "lisa:2", "badam", "freeze:6",
+           "full@recompute=off", "lcsb:4@recompute=off"]
 
 
 def main(argv=None):
@@ -26,7 +27,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--quant", default="int4")
-    ap.add_argument("--methods", nargs="+", default=DEFAULT)
+    ap.add_argument("--methods", nargs="+", default=DEFAULT,
+                    help="methods, with options after @: recompute=on|off, decompress=block|linear, activations=ram|disk")
     ap.add_argument("--recompute", choices=("on", "off"), default="on")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "methods.json"))
     args = ap.parse_args(argv)
@@ -38,15 +40,15 @@ def main(argv=None):
         r = workload.in_subprocess("run_config", method=m, layers=args.layers, seq=args.seq, steps=steps,
                                    warmup=args.warmup, quant=args.quant, recompute=args.recompute == "on")
         rows.append(r)
-        print(f"{m:>14}: {r['step_time']:.2f} s/step  peak {r['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
+        print(f"{m:>22}: {r['step_time']:.2f} s/step  peak {r['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
     full = next((r for r in rows if r["method"] == "full"), rows[0])
     for r in rows:
         r["ratio_to_full"] = r["step_time"] / full["step_time"]
     parts = ["forward", "head", "backward", "decompress", "optimizer"]
-    print(f"\n{'method':>14} {'s/step':>7} {'vs full':>7} " + " ".join(f"{p:>10}" for p in parts) + f" {'peak MB':>8}")
+    print(f"\n{'method':>22} {'s/step':>7} {'vs full':>7} " + " ".join(f"{p:>10}" for p in parts) + f" {'peak MB':>8}")
     for r in rows:
         b = r["breakdown"]
-        print(f"{r['method']:>14} {r['step_time']:7.2f} {r['ratio_to_full']:7.2f} "
+        print(f"{r['method']:>22} {r['step_time']:7.2f} {r['ratio_to_full']:7.2f} "
               + " ".join(f"{b[p]:10.2f}" for p in parts) + f" {r['peak_rss_mb']:8.0f}")
     print("(decompress is included in forward and backward)")
     out = dict(workload=dict(shape="Qwen2.5-0.5B", layers=args.layers, seq=args.seq, quant=args.quant, rank=16,

@@ -60,6 +60,9 @@ CONFIGS = [  # (name, kind, method, weights)
     ("lcsb K=4 fp32", "lcsb", "lcsb:4", "fp32"),
     ("lcsb K=2 int4", "lcsb", "lcsb:2", "int4"),
     ("lcsb K=8 int4", "lcsb", "lcsb:8", "int4"),
+    # the least-memory engine settings: one matrix decompressed at a time, block checkpoints on disk
+    ("lcsb full int4, least memory", "lcsb", "full@decompress=linear@activations=disk", "int4"),
+    ("lcsb K=4 int4, least memory", "lcsb", "lcsb:4@decompress=linear@activations=disk", "int4"),
 ]
 
 
@@ -86,7 +89,8 @@ def main(argv=None):
     for name, kind, method, weights in CONFIGS:
         if args.only and not any(o in name for o in args.only):
             continue
-        if kind == "lcsb" and ":" in method and int(method.split(":")[1]) > args.layers:
+        plain = workload.split_spec(method)[0] if kind == "lcsb" else ""
+        if ":" in plain and int(plain.split(":")[1]) > args.layers:
             continue      # more groups than layers (--quick)
         if kind == "hf":
             r = workload.in_subprocess("run_hf", model_dir=str(models["fp32"]), seq=args.seq, steps=args.steps,
@@ -96,7 +100,7 @@ def main(argv=None):
                                        steps=args.steps, warmup=args.warmup,
                                        quant="stored" if weights != "fp32" else None,
                                        model_dir=str(models[weights]), threads=args.threads)
-            sel = workload.parse_method(method).validate(args.layers)
+            sel = workload.parse_method(plain).validate(args.layers)
             # lcsb's median is over its cycle's steps; the floor is averaged the same way
             costs = [workload.step_cost(shape, sel.roles(t, args.layers), args.seq, 16,
                                         None if weights == "fp32" else weights)

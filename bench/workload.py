@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -85,12 +84,29 @@ def load(model_dir: str, quant: str | None, rank: int, seed: int = 0) -> CausalL
     return model
 
 
+def split_spec(spec: str) -> tuple[str, dict]:
+    """'lcsb:4@recompute=off@decompress=linear' -> ('lcsb:4', {'recompute': False, 'decompress': 'linear'})."""
+    method, *opts = spec.split("@")
+    kw = {}
+    for o in opts:
+        k, _, v = o.partition("=")
+        if k not in ("recompute", "decompress", "activations"):
+            raise SystemExit(f"{spec}: unknown option {k!r} (recompute, decompress, activations)")
+        kw[k] = (v == "on") if k == "recompute" else v
+    return method, kw
+
+
 def run_config(method: str, layers: int, seq: int, steps: int, warmup: int, quant: str | None, rank: int = 16,
                threads: int | None = None, activations: str = "ram", recompute: bool = True,
-               model_dir: str | None = None) -> dict:
+               model_dir: str | None = None, decompress: str = "block") -> dict:
     """Time `steps` training steps (after `warmup`) of one configuration. With model_dir the model is
     loaded from that folder (a converted folder is memory-mapped, as users run it); otherwise it is
-    built in memory with `build`."""
+    built in memory with `build`. `method` may carry options: 'lcsb:4@recompute=off' (split_spec)."""
+    spec = method
+    method, opts = split_spec(method)
+    recompute = opts.get("recompute", recompute)
+    decompress = opts.get("decompress", decompress)
+    activations = opts.get("activations", activations)
     from lcsb.runtime import tune_malloc
     tune_malloc()       # as the lcsb command does
     if threads:
@@ -110,7 +126,7 @@ def run_config(method: str, layers: int, seq: int, steps: int, warmup: int, quan
     for step in range(warmup + steps):
         roles = sel.roles(step, layers)
         t0 = time.perf_counter()
-        res = run_step(model, ids, ids, roles, activations, recompute=recompute)
+        res = run_step(model, ids, ids, roles, activations, recompute=recompute, decompress=decompress)
         t1 = time.perf_counter()
         opt.step({i for i, r in enumerate(roles) if r == "train"})
         opt.zero_grad()
@@ -118,8 +134,8 @@ def run_config(method: str, layers: int, seq: int, steps: int, warmup: int, quan
         if step >= warmup:
             rows.append(dict(total=t2 - t0, optimizer=t2 - t1, **res.timings))
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-    return dict(method=method, quant=getattr(model, "quant", None) or "fp32", layers=layers, seq=seq, steps=steps,
-                rank=rank, recompute=recompute,
+    return dict(method=spec, quant=getattr(model, "quant", None) or "fp32", layers=layers, seq=seq, steps=steps,
+                rank=rank, recompute=recompute, decompress=decompress, activations=activations,
                 step_time=med["total"], breakdown={k: v for k, v in med.items() if k != "total"},
                 tokens_per_s=seq / med["total"], peak_rss_mb=peak_rss_mb(), rss_after_load_mb=built_rss,
                 **proc_status(), loss=res.loss)
@@ -139,7 +155,9 @@ def proc_status() -> dict:
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """VmHWM: this process's own peak (ru_maxrss would include the parent's, carried across fork/exec)."""
+    from lcsb.memory import peak_rss
+    return peak_rss() / (1 << 20)
 
 
 def in_subprocess(func: str, **kw) -> dict:

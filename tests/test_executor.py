@@ -320,6 +320,57 @@ def test_decompression_counts(zoo, family, roles, seed, monkeypatch):
     assert all(m.cached is None for m in ours.modules() if isinstance(m, Linear))
 
 
+@pytest.mark.parametrize("roles", [["train"] * N, ["skip", "train", "through", "skip"], ["train", "skip", "skip", "skip"]],
+                         ids=_ids)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_decompress_by_linear(zoo, family, roles, seed):
+    """decompress="linear": the same loss and gradients as by block, one matrix resident at a time,
+    and no Linear decompressed more than twice per visited block (recompute and VJP)."""
+    ours = zoo.ours(family, "int4")
+    ids, labels = batch(seed)
+    loss_b, by_block = lcsb.lora_gradients(ours, ids, labels, roles)
+    ours.workspace.clear()
+    before = formats.STATS["dequantize"]
+    loss_l, by_linear = lcsb.lora_gradients(ours, ids, labels, roles, decompress="linear")
+    count = formats.STATS["dequantize"] - before
+    assert loss_l == loss_b
+    assert set(by_linear) == set(by_block) and by_block
+    for k in by_block:
+        torch.testing.assert_close(by_linear[k], by_block[k], rtol=1e-6, atol=1e-9)
+    trained = [i for i, r in enumerate(roles) if r == "train"]
+    visit = [i for i in range(trained[0], N) if roles[i] != "skip"]
+    assert 7 * (N + len(visit)) < count <= 7 * (N + 2 * len(visit))
+    largest = max(m.weight.shape[0] * m.weight.shape[1] for m in ours.model.layers.modules() if isinstance(m, Linear))
+    assert ours.workspace.nbytes == 4 * max(largest, ours.config.vocab_size * ours.config.hidden_size)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "nf4", "int8", "dense"])
+def test_streamed_linear_by_row_chunks(fmt, seed, monkeypatch):
+    """A matrix decompressed 64 rows at a time gives x W^T and x W as the whole matrix does, through a
+    workspace of 64 rows."""
+    from lcsb.model.core import Workspace, streamed_linear
+    from lcsb.model import core
+    g = torch.Generator().manual_seed(seed)
+    W = formats.quantize(torch.randn(300, 128, generator=g), None if fmt == "dense" else fmt, 32)
+    monkeypatch.setattr(core, "ROW_CHUNK_BYTES", 64 * 128 * 4)
+    x, gy = torch.randn(2, 5, 128, generator=g), torch.randn(2, 5, 300, generator=g)
+    ws = Workspace()
+    before = formats.STATS["dequantize"]
+    y, gx = streamed_linear(x, W, ws), streamed_linear(gy, W, ws, transposed=True)
+    full = W.dequantize()
+    torch.testing.assert_close(y, F.linear(x, full), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gx, gy @ full, rtol=1e-5, atol=1e-4)      # summed in another order
+    assert y.shape == (2, 5, 300) and gx.shape == (2, 5, 128)
+    assert ws.nbytes == (0 if fmt == "dense" else 64 * 128 * 4)       # float weights are used as stored
+    assert formats.STATS["dequantize"] - before == (1 if fmt == "dense" else 3)
+
+
+def test_bad_decompress_refused(zoo, seed):
+    ids, labels = batch(seed)
+    with pytest.raises(lcsb.UserError, match="decompress must be one of block, linear"):
+        lcsb.lora_gradients(zoo.ours("llama"), ids, labels, ["train"] * N, decompress="matrix")
+
+
 # ----------------------------------------------------------------------------------------------
 # 6. disk checkpoints give the same numbers as RAM ones
 

@@ -225,14 +225,19 @@ class TrainConfig:
     interval: int = _opt(1, "steps between selection switches (lcsb, lisa, badam)")
     active: int = _opt(None, "random/lisa/freeze: number of trained blocks (default: a quarter of the layers)")
     order: str = _opt("ascending", "badam: block order", choices=("ascending", "descending", "random"))
-    inactive: str = _opt("momentum", "untrained blocks' LoRA: momentum (zero-grad AdamW step), frozen, reset (LISA)",
-                         choices=("momentum", "frozen", "reset"))
+    inactive: str = _opt(None, "untrained blocks' LoRA: momentum (zero-grad AdamW step), frozen, reset (fresh "
+                               "optimizer state on re-activation; default: reset for lisa and badam, as their papers, "
+                               "momentum otherwise)", choices=("momentum", "frozen", "reset"))
     # the engine (DESIGN section 3)
     quant: str = _opt(None, "compress base weights on load (default: keep the checkpoint's)", choices=("int8", "int4", "nf4"))
     group_size: int = _opt(64, "int4/nf4 group size (32, 64, 128)")
     recompute: str = _opt("on", "on: recompute trained blocks in backward (least memory); off: keep their forward "
                                 "graphs (faster, more memory)", choices=("on", "off"))
-    activations: str = _opt("ram", "where block checkpoints live (disk: a memory-mapped file)", choices=("ram", "disk"))
+    activations: str = _opt("ram", "where block checkpoints live (disk: a memory-mapped file, out of the resident set)",
+                            choices=("ram", "disk"))
+    decompress: str = _opt("block", "block: decompress a visited block once for its recompute and VJP; linear: one "
+                                    "matrix at a time, again in the VJP (less memory, a little slower)",
+                           choices=("block", "linear"))
     # LoRA (DESIGN section 5)
     rank: int = _opt(16, "LoRA rank")
     alpha: float = _opt(32.0, "LoRA alpha (scale alpha / rank)")

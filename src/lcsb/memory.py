@@ -15,15 +15,17 @@ What is resident at the step's peak (executor.py's design note says why each exi
 - base weights, compressed: all of them when they were loaded into RAM; for a folder made by
   `lcsb convert` (memory-mapped, pages released after use) only one block and one vocabulary
   chunk of the LM head.
-- one block's float weights: `materialized` decompresses a block once for its forward, and again
-  for its recompute and VJP. Nothing for float32 weights: their "decompression" is the weight.
+- the decompression workspace (core.Workspace, one buffer reused for the whole run): one block's
+  float weights (`materialized` decompresses a block once for its forward, and again for its
+  recompute and VJP), or with decompress="linear" its largest matrix; at least one vocabulary chunk
+  of the head. Nothing for float32 weights: their "decompression" is the weight.
 - block-boundary checkpoints: the input of every block the backward visits, [B, S, hidden] each
-  (recompute on); with recompute off, every visited block's autograd graph instead, kept through
-  the head pass.
+  (recompute on; none with activations="disk", whose pages leave the resident set); with recompute
+  off, every visited block's autograd graph instead, kept through the head pass.
 - one block's autograd activations during its recompute + VJP (what autograd saves, counted
   tensor by tensor in `estimate`, plus the gradient buffers alive at the VJP's widest).
-- the LM head pass: one vocabulary chunk of the head in float, the chunk's logits and exps for
-  the counted tokens, and the hidden state with its gradient.
+- the LM head pass: the chunk's logits and exps for the counted tokens, and the hidden state with
+  its gradient.
 - LoRA parameters, their gradients and the optimizer's state (AdamW: two moments; SGD: a
   momentum buffer when momentum > 0).
 - allocator slack: glibc keeps freed memory for reuse up to a trim threshold it raises to twice
@@ -74,6 +76,20 @@ def parse_size(value, option: str = "--max-memory") -> int:
     return int(size)
 
 
+def peak_rss() -> int:
+    """Peak resident set of this process, in bytes: VmHWM, the high-water mark of this address space.
+    Not ru_maxrss: Linux carries that over from the parent across fork and exec, so a run started by a
+    big process (a test runner, a notebook) would report the parent's peak as its own."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def current_rss() -> int:
     """Resident set of this process now, in bytes (its high-water mark where /proc is missing)."""
     try:
@@ -116,7 +132,7 @@ def block_linears(mcfg: ModelConfig) -> dict[str, tuple[int, int]]:
 def estimate(mcfg: ModelConfig, *, fmt: str | None, group_size: int, mapped: bool, lora: LoraConfig,
              visited: int, recompute: bool, batch: int, seq: int, counted: int, optimizer: str,
              momentum: float, runtime: int, vocab_chunk: int | None = None,
-             malloc_tuned: bool = False) -> MemoryEstimate:
+             malloc_tuned: bool = False, decompress: str = "block", activations: str = "ram") -> MemoryEstimate:
     """Peak resident bytes of a training run (see the design note).
 
     Args:
@@ -128,6 +144,8 @@ def estimate(mcfg: ModelConfig, *, fmt: str | None, group_size: int, mapped: boo
         runtime: resident bytes of the process before the model loads (measured).
         malloc_tuned: glibc's thresholds are fixed (`lcsb.runtime.tune_malloc`), so freed tensors go
             back to the system and no allocator slack is added.
+        decompress: "block" (a block's float weights at once) or "linear" (one matrix at a time).
+        activations: "ram", or "disk" (checkpoints leave the resident set once written).
     """
     from .engine.executor import VOCAB_CHUNK
     from .quant.formats import CHUNK_ELEMENTS
@@ -149,18 +167,22 @@ def estimate(mcfg: ModelConfig, *, fmt: str | None, group_size: int, mapped: boo
     else:
         base = L * block_packed + table + (0 if mcfg.tie_word_embeddings else head) + small
     dense = fmt is None or fmt == "dense"
-    block_float = 0 if dense else F32 * sum(i * o for i, o in linears.values())
-    if not recompute and visited == L and not dense:
-        block_float = F32 * max(i * o for i, o in linears.values())   # no block is materialized: one Linear at a time
+    # the decompression workspace: a block's float weights, or one matrix at a time (decompress="linear",
+    # or recompute off with every block visited: no block is materialized); the head's chunks use it too
+    by_linear = decompress == "linear" or (not recompute and visited == L)
+    block_float = 0 if dense else F32 * (max(i * o for i, o in linears.values()) if by_linear
+                                         else sum(i * o for i, o in linears.values()))
+    block_float = 0 if dense else max(block_float, F32 * c * H)
 
     # what autograd keeps of one block, per token (tests/test_memory.py counts it with saved-tensor hooks):
     # the input norm's output, the residual after attention and the post-attention norm's output; q after
     # rotary, k and v (repeated to every head under GQA), the attention output (which is also o_proj's
-    # input), the softmax statistics and the norms' scales; the MLP's gate, up, activation and product;
+    # input), the softmax statistics and the norms' scales; the MLP's gate, up and product (core._GatedAct
+    # recomputes the activation);
     # LoRA's rank-r intermediates
     rep = mcfg.num_heads // mcfg.num_kv_heads
     kv_saved = 2 * (dq if rep > 1 else dkv)
-    saved = 3 * H + 2 * dq + kv_saved + mcfg.num_heads + 2 + 4 * I + 7 * lora.rank
+    saved = 3 * H + 2 * dq + kv_saved + mcfg.num_heads + 2 + 3 * I + 7 * lora.rank
     extra_norms = 2 * H if mcfg.norm_offset else 0       # Gemma's pre/post feed-forward norms
     saved += extra_norms
     grads_alive = 2 * I + 2 * H                          # the VJP's gradient buffers at its widest
@@ -169,7 +191,7 @@ def estimate(mcfg: ModelConfig, *, fmt: str | None, group_size: int, mapped: boo
     if mcfg.attn_softcap is not None or windowed:        # explicit [heads, S, S] scores (softmax, its grad)
         scores = 3 * batch * mcfg.num_heads * seq * seq
     if recompute:    # inputs of the visited blocks persist; one block's graph exists at a time
-        checkpoints = visited * tokens * H * F32
+        checkpoints = 0 if activations == "disk" else visited * tokens * H * F32
         activations = (tokens * (saved + grads_alive) + scores) * F32
     else:            # every visited block's graph persists through the head pass; the VJP's buffers on top
         checkpoints = visited * (tokens * (saved + H) + scores) * F32
@@ -177,7 +199,7 @@ def estimate(mcfg: ModelConfig, *, fmt: str | None, group_size: int, mapped: boo
 
     # the head pass: a float chunk of the head (and its decompression), the chunk's logits, exps and
     # shifted logits for the counted tokens, their running sums and gradient rows, and h with its gradient
-    lm_head = F32 * (c * H * (1 if dense else 2) + 3 * counted * c + 5 * counted * H + 2 * tokens * H)
+    lm_head = F32 * (c * H * (1 if dense else 0) + 3 * counted * c + 5 * counted * H + 2 * tokens * H)
 
     n_lora = L * sum(lora.rank * (i + o) for n, (i, o) in linears.items() if n in lora.targets)
     states = 2 if optimizer == "adamw" else (1 if momentum else 0)
@@ -191,7 +213,7 @@ def estimate(mcfg: ModelConfig, *, fmt: str | None, group_size: int, mapped: boo
     slack = 0 if malloc_tuned else min(2 * largest, 64 * MB)
 
     persistent = runtime + base + lora_bytes + checkpoints + 2 * tokens * H * F32   # + h and g between blocks
-    step = persistent + max(block_float + activations, lm_head, checkpoint_write)
+    step = persistent + block_float + max(activations, lm_head, checkpoint_write)
     # quantize-on-load: a row slice of the matrix being compressed, cast and quantized (three copies)
     load = runtime + base + (0 if dense or mapped else 3 * F32 * min(CHUNK_ELEMENTS, V * H))
     parts = {"runtime": runtime, "base weights": base, "block float weights": block_float,
@@ -215,11 +237,11 @@ def max_visited(selection, n: int, steps: int) -> int:
 
 
 def warm_up():
-    """Pay now the lazy imports of the first training step, so the measured runtime includes them:
-    torch.autograd.grad with a gradient tensor imports torch.fx's symbolic shapes and sympy on first
-    use (about 40 MB and a second here), which the step would do anyway."""
+    """Pay now the lazy imports of the first training step, so the measured runtime includes them.
+    It asks autograd exactly as the executor's _vjp does: with grad_outputs, autograd.grad would import
+    torch.fx's symbolic shapes and sympy (about 40 MB and a second here), which the step never does."""
     x = torch.zeros(1, requires_grad=True)
-    torch.autograd.grad(x * 2, [x], torch.ones(1))
+    torch.autograd.grad((x * 2).sum(), [x])      # as the executor's _vjp: no grad_outputs, so no sympy
 
 
 def _malloc_tuned() -> bool:
@@ -242,7 +264,8 @@ def estimate_run(cfg, mcfg: ModelConfig, lora: LoraConfig, selection, examples, 
     return estimate(mcfg, fmt=fmt, group_size=group, mapped=bool(stored), lora=lora,
                     visited=max_visited(selection, mcfg.num_layers, steps), recompute=cfg.recompute == "on",
                     batch=b, seq=seq, counted=max(1, counted), optimizer=cfg.optimizer, momentum=cfg.momentum,
-                    runtime=current_rss() if runtime is None else runtime, malloc_tuned=_malloc_tuned())
+                    runtime=current_rss() if runtime is None else runtime, malloc_tuned=_malloc_tuned(),
+                    decompress=cfg.decompress, activations=cfg.activations)
 
 
 def check_budget(est: MemoryEstimate, limit: int, option: str = "--max-memory"):

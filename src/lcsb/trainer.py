@@ -21,7 +21,6 @@ import json
 import math
 import os
 import re
-import resource
 import shutil
 import signal
 import sys
@@ -42,7 +41,7 @@ from .engine.selection import Selection
 from .errors import UserError
 from .evaluate import evaluate
 from .lora import save_adapter
-from .memory import check_budget, estimate_run, parse_size
+from .memory import check_budget, estimate_run, parse_size, peak_rss
 from .model import load_config, load_model
 from .model.tokenizer import load_tokenizer
 from .optim import BlockOptimizer, clip_grad_norm, schedule_factor
@@ -66,7 +65,7 @@ class WriteError(UserError):
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return peak_rss() / (1 << 20)
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -277,6 +276,11 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         cfg.data = str(DEFAULT_DATA)
     if cfg.out is None:
         cfg.out = str(Path("runs") / f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if cfg.inactive is None:
+        # BAdam clears the optimizer state at every block switch and LISA's runs start each interval with a
+        # fresh AdamW; both leave untrained blocks alone. LCSB's zero-gradient momentum steps would keep moving
+        # a block for ~10 steps after its turn and count Adam steps for blocks never trained yet.
+        cfg.inactive = "reset" if cfg.method in ("lisa", "badam") else "momentum"
     if isinstance(cfg.targets, (str, list, tuple)):   # `targets: q_proj` in a YAML file; other types: check_types
         cfg.targets = [cfg.targets] if isinstance(cfg.targets, str) else list(cfg.targets)
     return cfg
@@ -402,8 +406,8 @@ def train(cfg: TrainConfig, sources: dict[str, str] | None = None, quiet: bool =
     model = load_model(cfg.model, quant=cfg.quant, group_size=cfg.group_size, lora=None if cfg.adapter else lora,
                        adapter=cfg.adapter)
     n = model.config.num_layers
-    if cfg.inactive == "reset" and cfg.method != "lisa":
-        say("note: --inactive reset is LISA's behaviour; it applies to any method but was designed for lisa")
+    if cfg.inactive == "reset" and cfg.method not in ("lisa", "badam"):
+        say("note: --inactive reset is LISA's and BAdam's behaviour; it applies to any method but was designed for them")
     blocks = [block_lora_params(b) for b in model.model.layers]
     opt = BlockOptimizer(blocks, cfg.lr, cfg.optimizer, cfg.weight_decay, momentum=cfg.momentum,
                          inactive=cfg.inactive)
@@ -484,7 +488,8 @@ def train(cfg: TrainConfig, sources: dict[str, str] | None = None, quiet: bool =
                 # loss_scale = the micro-batch's counted tokens: .grad sums per-token gradients, and
                 # reduce_step divides by the count over all micro-batches and ranks (a token-weighted mean)
                 res = run_step(model, ids, labels, roles, cfg.activations,
-                               loss_scale=distributed.counted_tokens(labels), recompute=cfg.recompute == "on")
+                               loss_scale=distributed.counted_tokens(labels), recompute=cfg.recompute == "on",
+                               decompress=cfg.decompress)
                 loss_sum += res.loss * res.tokens
                 counted += res.tokens
                 tokens += int(ids.numel())

@@ -22,24 +22,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LoraConfig, ModelConfig
-from ..quant.formats import Weight
+from ..quant.formats import STATS, Weight
 
 
 class _CompressedLinearFn(torch.autograd.Function):
     """y = x W^T with W decompressed again in backward: autograd keeps the packed weight only."""
 
     @staticmethod
-    def forward(ctx, x, weight: Weight):
-        ctx.weight = weight
-        return F.linear(x, weight.dequantize(x.dtype))
+    def forward(ctx, x, weight: Weight, workspace):
+        ctx.weight, ctx.workspace = weight, workspace
+        return streamed_linear(x, weight, workspace)
 
     @staticmethod
     def backward(ctx, gy):
-        return gy @ ctx.weight.dequantize(gy.dtype), None
+        gx = streamed_linear(gy, ctx.weight, ctx.workspace, transposed=True)
+        ctx.weight.release()
+        return gx, None, None
 
 
 class Linear(nn.Module):
-    """A base projection: weight in any `quant.Weight` format, float bias, optional LoRA."""
+    """A base projection: weight in any `quant.Weight` format, float bias, optional LoRA.
+
+    Unless its block is `materialized`, a Linear decompresses its weight when it runs, into its
+    model's workspace when it has one (`workspace`, set by CausalLM), and under autograd again in
+    backward: one Linear's float weight is resident at a time."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool):
         super().__init__()
@@ -48,6 +54,7 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         self.lora_A = self.lora_B = None            # LoRA factors, PEFT's names and shapes
         self.cached: torch.Tensor | None = None    # float weight while the block is materialized
+        self.workspace: Workspace | None = None    # where the weight is decompressed when not cached
 
     def add_lora(self, cfg: LoraConfig):
         """y += (alpha / r) B A dropout(x), A [r, in] kaiming-uniform and B [out, r] zero as in PEFT."""
@@ -63,9 +70,9 @@ class Linear(nn.Module):
             y = F.linear(x, self.cached, self.bias)
         else:
             if torch.is_grad_enabled() and x.requires_grad:
-                y = _CompressedLinearFn.apply(x, self.weight)
+                y = _CompressedLinearFn.apply(x, self.weight, self.workspace)
             else:
-                y = F.linear(x, self.weight.dequantize(x.dtype))
+                y = streamed_linear(x, self.weight, self.workspace)
             self.weight.release()          # file-backed pages leave the resident set (generation, eval)
             if self.bias is not None:
                 y = y + self.bias
@@ -93,6 +100,7 @@ class Workspace:
     def __init__(self):
         self._buf: torch.Tensor | None = None
         self._busy = False
+        self.seconds = 0.0                        # time spent decompressing into it (the step's breakdown)
 
     @contextlib.contextmanager
     def lease(self, shapes, dtype: torch.dtype, device=None):
@@ -127,22 +135,64 @@ class Workspace:
         return 0 if self._buf is None else self._buf.numel() * self._buf.element_size()
 
 
+ROW_CHUNK_BYTES = 4 << 20     # streamed_linear decompresses this much of a matrix at a time
+
+
+def streamed_linear(x: torch.Tensor, weight: Weight, workspace: Workspace | None = None,
+                    transposed: bool = False) -> torch.Tensor:
+    """x W^T (or x W with transposed=True, a Linear's input gradient) with W decompressed a few MB of
+    rows at a time into `workspace`, so a matrix never exists whole in float: the workspace stays at
+    ROW_CHUNK_BYTES where a whole MLP matrix would be 17 MB (Qwen2.5-0.5B). Without a workspace, or
+    for a weight stored in float already, the whole matrix is used at once."""
+    whole = weight.stored_as(x.dtype)
+    if whole is None and workspace is None:
+        whole = weight.dequantize(x.dtype)
+    if whole is not None:
+        return x @ whole if transposed else F.linear(x, whole)
+    STATS["dequantize"] += 1                       # one decompression of the matrix, chunk by chunk
+    rows, cols = weight.shape
+    step = max(1, min(rows, ROW_CHUNK_BYTES // (cols * x.element_size())))
+    x2 = x.reshape(-1, x.shape[-1])
+    out = x2.new_empty(x2.shape[0], cols if transposed else rows)
+    with workspace.lease([(step, cols)], x.dtype, x.device) as (buf,):
+        for lo in range(0, rows, step):
+            hi = min(lo + step, rows)
+            t0 = time.perf_counter()
+            w = weight.row_block(lo, hi, x.dtype, out=buf[:hi - lo])        # [c, cols]
+            workspace.seconds += time.perf_counter() - t0
+            if transposed:                                                  # x [., rows] -> [., cols]
+                if lo == 0:
+                    torch.mm(x2[:, lo:hi], w, out=out)
+                else:
+                    out.addmm_(x2[:, lo:hi], w)
+            else:                                                           # x [., cols] -> [., rows]
+                out[:, lo:hi] = x2 @ w.T
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
 @contextlib.contextmanager
 def materialized(module: nn.Module, dtype: torch.dtype = torch.float32, timings: dict | None = None,
                  workspace: Workspace | None = None):
     """Decompress every base weight under `module` once; reuse the float copies until exit, then
     drop them and let file-backed storage release its pages. With a `workspace` the copies live in
-    its buffer (no fresh memory per block). Adds the time spent to timings["decompress"] when given."""
+    its buffer (no fresh memory per block) and the time is added to its `seconds`; with `timings`,
+    to timings["decompress"]."""
     linears = [m for m in module.modules() if isinstance(m, Linear)]
-    lease = (workspace.lease([m.weight.shape for m in linears], dtype, _device_of(linears))
-             if workspace is not None else contextlib.nullcontext([None] * len(linears)))
+    packed = [m for m in linears if m.weight.stored_as(dtype) is None]      # float weights are used as stored
+    lease = (workspace.lease([m.weight.shape for m in packed], dtype, _device_of(linears))
+             if workspace is not None and packed else contextlib.nullcontext([None] * len(packed)))
     with lease as bufs:
         try:
             t0 = time.perf_counter()
-            for m, buf in zip(linears, bufs):
+            for m in linears:
+                m.cached = m.weight.stored_as(dtype)
+            for m, buf in zip(packed, bufs):
                 m.cached = m.weight.dequantize(dtype, out=buf)
+            spent = time.perf_counter() - t0
             if timings is not None:
-                timings["decompress"] = timings.get("decompress", 0.0) + time.perf_counter() - t0
+                timings["decompress"] = timings.get("decompress", 0.0) + spent
+            if workspace is not None:
+                workspace.seconds += spent
             yield
         finally:
             for m in linears:
@@ -307,6 +357,29 @@ ACTIVATIONS = {
 }
 
 
+class _GatedAct(torch.autograd.Function):
+    """act(gate) * up, saving only gate and up: act(gate) is recomputed in backward instead of kept
+    (one [tokens, intermediate] tensor less in every recomputed block's graph: 5 MB at seq 256 on
+    Qwen2.5-0.5B)."""
+
+    @staticmethod
+    def forward(ctx, gate, up, act):
+        ctx.act = act
+        ctx.save_for_backward(gate, up)
+        return act(gate) * up
+
+    @staticmethod
+    def backward(ctx, g):
+        gate, up = ctx.saved_tensors
+        with torch.enable_grad():
+            x = gate.detach().requires_grad_(True)
+            a = ctx.act(x)
+            # the gradient of the scalar <a, g * up>: no grad_outputs, which would import sympy (executor._vjp)
+            (g_gate,) = torch.autograd.grad((a * (g * up)).sum(), [x]) if ctx.needs_input_grad[0] else (None,)
+        g_up = g * a.detach() if ctx.needs_input_grad[1] else None
+        return g_gate, g_up, None
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -316,7 +389,10 @@ class MLP(nn.Module):
         self.act = ACTIVATIONS[cfg.hidden_act]
 
     def forward(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+            return self.down_proj(_GatedAct.apply(gate, up, self.act))
+        return self.down_proj(self.act(gate) * up)
 
 
 class Backbone(nn.Module):
@@ -340,6 +416,9 @@ class CausalLM(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, False)
         self.dtype = torch.float32
         self.workspace = Workspace()                # decompressed weights, reused block after block
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.workspace = self.workspace
 
     @property
     def layers(self):

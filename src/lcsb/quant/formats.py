@@ -61,6 +61,10 @@ class Weight:
     def _block(self, lo: int, hi: int, dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
+    def stored_as(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """The matrix itself when it is already stored as float `dtype` (nothing to decompress), else None."""
+        return None
+
     def rows(self, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Dequantized rows `ids` (any shape) -> [*ids.shape, in]."""
         raise NotImplementedError
@@ -97,6 +101,9 @@ class Dense(Weight):
 
     def _block(self, lo, hi, dtype, out):
         return _into(out, self.w[lo:hi].to(dtype))
+
+    def stored_as(self, dtype):
+        return self.w if self.w.dtype == dtype else None
 
     def rows(self, ids, dtype=torch.float32):
         return self.w[ids].to(dtype)
