@@ -3,7 +3,10 @@
     python bench/methods.py                      # Qwen2.5-0.5B shape, seq 256, int4, rank 16, AdamW
     python bench/methods.py --layers 8 --seq 128  # smaller
 Each configuration runs in its own process (its peak RSS is its own), one after the other in this
-one session, so the ratios to `full` are measured side by side. Writes bench/results/methods.json.
+one session, so the ratios to `full` are measured side by side, on the memory-mapped folder that
+`lcsb convert` makes of the random checkpoint (made once in --workdir, shared with bench/speed.py),
+as users run it. A method may carry engine options after @ ('lcsb:4@recompute=off').
+Writes bench/results/methods.json.
 """
 
 from __future__ import annotations
@@ -26,19 +29,23 @@ def main(argv=None):
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--quant", default="int4")
+    ap.add_argument("--quant", default="int4", choices=("int4", "int8", "fp32"))
+    ap.add_argument("--workdir", default="/tmp/lcsb-bench", help="where the checkpoint and its conversions are kept")
     ap.add_argument("--methods", nargs="+", default=DEFAULT,
                     help="methods, with options after @: recompute=on|off, decompress=block|linear, activations=ram|disk")
     ap.add_argument("--recompute", choices=("on", "off"), default="on")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "methods.json"))
     args = ap.parse_args(argv)
 
+    from speed import ensure_models
+    model_dir = ensure_models(Path(args.workdir), args.layers)[args.quant]
     rows = []
     for m in args.methods:
         steps = args.steps
         # lcsb's cycle: time whole cycles so every group is in the median's sample
         r = workload.in_subprocess("run_config", method=m, layers=args.layers, seq=args.seq, steps=steps,
-                                   warmup=args.warmup, quant=args.quant, recompute=args.recompute == "on")
+                                   warmup=args.warmup, quant="stored" if args.quant != "fp32" else None,
+                                   model_dir=str(model_dir), recompute=args.recompute == "on")
         rows.append(r)
         print(f"{m:>22}: {r['step_time']:.2f} s/step  peak {r['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
     full = next((r for r in rows if r["method"] == "full"), rows[0])
