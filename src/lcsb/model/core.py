@@ -87,7 +87,8 @@ class Linear(nn.Module):
 
 
 class Workspace:
-    """One reusable buffer for decompressed weights: a block's float copies, or an LM-head chunk.
+    """One reusable buffer for decompressed weights: a block's float copies, a few MB of a matrix's
+    rows (streamed_linear), or an LM-head chunk.
 
     Decompressing into fresh memory costs a page fault per 4 KB, and with glibc handing large blocks
     back to the system (runtime.py) a block's float weights (60 MB on Qwen2.5-0.5B) would be faulted
@@ -358,9 +359,10 @@ ACTIVATIONS = {
 
 
 class _GatedAct(torch.autograd.Function):
-    """act(gate) * up, saving only gate and up: act(gate) is recomputed in backward instead of kept
-    (one [tokens, intermediate] tensor less in every recomputed block's graph: 5 MB at seq 256 on
-    Qwen2.5-0.5B)."""
+    """act(gate) * up, saving only gate and up: act(gate) is recomputed in backward instead of kept,
+    one [tokens, intermediate] tensor less in every block graph (5 MB at seq 256 on Qwen2.5-0.5B; with
+    --recompute off every visited block's graph is alive at once, 120 MB for a full step). The
+    gradients are autograd's own: the activation's backward is autograd's, fed the same g * up."""
 
     @staticmethod
     def forward(ctx, gate, up, act):
