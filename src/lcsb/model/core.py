@@ -172,12 +172,10 @@ def streamed_linear(x: torch.Tensor, weight: Weight, workspace: Workspace | None
 
 
 @contextlib.contextmanager
-def materialized(module: nn.Module, dtype: torch.dtype = torch.float32, timings: dict | None = None,
-                 workspace: Workspace | None = None):
+def materialized(module: nn.Module, dtype: torch.dtype = torch.float32, workspace: Workspace | None = None):
     """Decompress every base weight under `module` once; reuse the float copies until exit, then
     drop them and let file-backed storage release its pages. With a `workspace` the copies live in
-    its buffer (no fresh memory per block) and the time is added to its `seconds`; with `timings`,
-    to timings["decompress"]."""
+    its buffer (no fresh memory per block) and the time is added to its `seconds`."""
     linears = [m for m in module.modules() if isinstance(m, Linear)]
     packed = [m for m in linears if m.weight.stored_as(dtype) is None]      # float weights are used as stored
     lease = (workspace.lease([m.weight.shape for m in packed], dtype, _device_of(linears))
@@ -189,11 +187,8 @@ def materialized(module: nn.Module, dtype: torch.dtype = torch.float32, timings:
                 m.cached = m.weight.stored_as(dtype)
             for m, buf in zip(packed, bufs):
                 m.cached = m.weight.dequantize(dtype, out=buf)
-            spent = time.perf_counter() - t0
-            if timings is not None:
-                timings["decompress"] = timings.get("decompress", 0.0) + spent
             if workspace is not None:
-                workspace.seconds += spent
+                workspace.seconds += time.perf_counter() - t0
             yield
         finally:
             for m in linears:
