@@ -107,8 +107,9 @@ def run_config(method: str, layers: int, seq: int, steps: int, warmup: int, quan
     recompute = opts.get("recompute", recompute)
     decompress = opts.get("decompress", decompress)
     activations = opts.get("activations", activations)
-    from lcsb.runtime import tune_malloc
+    from lcsb.runtime import install_allocator, tune_malloc
     tune_malloc()       # as the lcsb command does
+    install_allocator()
     if threads:
         torch.set_num_threads(threads)
     quant = None if quant in (None, "fp32", "none", "stored") else quant

@@ -33,7 +33,7 @@ import yaml
 from . import __version__, load_config, load_model
 from .config import LoraConfig, TrainConfig
 from .errors import UserError
-from .runtime import tune_malloc
+from .runtime import install_allocator, tune_malloc
 from .evaluate import encode_prompt, generate_text
 from .model.tokenizer import load_tokenizer
 from .quant.formats import FORMATS
@@ -386,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     tune_malloc()      # the CLI owns its process: hand freed tensors back to the system (runtime.py)
+    install_allocator()    # ... and reuse torch's large tensors instead of faulting in fresh pages
     try:
         return args.run(args)
     except UserError as e:

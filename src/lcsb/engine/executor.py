@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
+from ..runtime import release_cached
 from ..model.core import ROW_CHUNK_BYTES, CausalLM, Linear, materialized
 
 ROLES = ("train", "through", "skip")
@@ -234,6 +235,7 @@ def run_step(model: CausalLM, input_ids: torch.Tensor, labels: torch.Tensor, rol
                     rng_states[i] = torch.get_rng_state()
             with materialized(block, model.dtype, workspace=ws) if by_block else contextlib.nullcontext():
                 h = block(h, ctx)
+    release_cached()              # the caching allocator's blocks of this phase's shapes (runtime.py)
     t1 = time.perf_counter()
     timings["forward"] = t1 - t0
 
@@ -250,6 +252,7 @@ def run_step(model: CausalLM, input_ids: torch.Tensor, labels: torch.Tensor, rol
         g_hn = g_hn * (loss_scale / n_tokens)
         (g,) = _vjp(hn, [h], g_hn)
     del hn, h
+    release_cached()
     t2 = time.perf_counter()
     timings["head"] = t2 - t1
 
@@ -275,6 +278,7 @@ def run_step(model: CausalLM, input_ids: torch.Tensor, labels: torch.Tensor, rol
         for p, gp in zip(params, grads):
             p.grad = gp if p.grad is None else p.grad.add_(gp)
         del out, x
+    release_cached()
     timings["backward"] = time.perf_counter() - t2
     timings["decompress"] = ws.seconds - ws_seconds
     return StepResult(loss=loss, tokens=n_tokens, visited=visit, timings=timings)
@@ -335,4 +339,5 @@ def eval_step(model: CausalLM, input_ids: torch.Tensor, labels: torch.Tensor) ->
         inside = (targets >= lo) & (targets < lo + len(ids))
         zt[inside] = z[inside, targets[inside] - lo]
     loss_sum = float((m + torch.log(s) - zt).sum())
+    release_cached()
     return loss_sum, int(counted.sum()), int((arg == targets).sum())

@@ -5,24 +5,22 @@ converted and scaled in four passes over fresh memory (~65 ms for one Qwen2.5-0.
 2-core machine). dequant.c does it in one threaded pass into a buffer the caller reuses.
 
 The library is compiled with the system C compiler (`cc`, or $CC) the first time it is needed and
-cached under $LCSB_CACHE (default: $XDG_CACHE_HOME/lcsb or ~/.cache/lcsb), keyed by the source,
-the flags and this CPU's feature flags, so a shared home directory never hands one machine
-another's instructions. No compiler, a failed build or LCSB_KERNELS=0 selects the torch code; the
-results are the same bit for bit either way (tests/test_quant.py compares them).
+cached (lcsb.native: $LCSB_CACHE or ~/.cache/lcsb, keyed by source, flags and CPU). No compiler, a
+failed build or LCSB_KERNELS=0 selects the torch code; the results are the same bit for bit either
+way (tests/test_kernels.py compares them).
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import platform
 import subprocess
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
+
+from .. import native
 
 SOURCE = Path(__file__).with_name("dequant.c")
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared", "-pthread"]
@@ -32,40 +30,8 @@ _lib: ctypes.CDLL | None = None
 _tried = False
 
 
-def cache_dir() -> Path:
-    if os.environ.get("LCSB_CACHE"):
-        return Path(os.environ["LCSB_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "lcsb"
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def _build() -> ctypes.CDLL:
-    cc = os.environ.get("CC", "cc")
-    src = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([src, " ".join([cc, *FLAGS]).encode(), platform.machine().encode(),
-                                     _cpu_flags().encode()])).hexdigest()[:16]
-    path = cache_dir() / f"dequant-{key}.so"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
-        os.close(fd)
-        try:
-            subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, timeout=120)
-            os.replace(tmp, path)                 # atomic: a concurrent build never sees half a library
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    lib = ctypes.CDLL(str(path))
+    lib = native.build(SOURCE, [os.environ.get("CC", "cc"), *FLAGS])
     f = lib.lcsb_dequant
     f.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                   ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
@@ -84,9 +50,8 @@ def library() -> ctypes.CDLL | None:
     try:
         _lib = _build()
     except (OSError, subprocess.SubprocessError) as e:
-        detail = getattr(e, "stderr", b"") or b""
-        warnings.warn(f"lcsb: the dequantization kernel could not be built ({e}; "
-                      f"{detail.decode(errors='replace').strip()[:200]}); using the slower torch code. "
+        warnings.warn(f"lcsb: the dequantization kernel could not be built ({native.describe(e)}); "
+                      "using the slower torch code. "
                       "Install a C compiler (cc) or set LCSB_KERNELS=0 to silence this.", RuntimeWarning)
         _lib = None
     return _lib
