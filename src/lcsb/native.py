@@ -14,7 +14,9 @@ import os
 import platform
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
+from typing import Callable
 
 
 def cache_dir() -> Path:
@@ -54,9 +56,17 @@ def build(source: Path, command: list[str], libs: list[str] = (), extra_key: str
     return ctypes.CDLL(str(path))
 
 
-def describe(e: Exception) -> str:
-    """One line: the error and the start of the compiler's message."""
-    detail = getattr(e, "stderr", b"") or b""
-    if isinstance(detail, bytes):
-        detail = detail.decode(errors="replace")
-    return f"{e}; {detail.strip()[:200]}" if detail.strip() else str(e)
+def optional(make: Callable[[], ctypes.CDLL], switch: str, what: str, otherwise: str) -> ctypes.CDLL | None:
+    """`make()`, or None where the environment variable `switch` is 0 or the build fails; a failure
+    warns once: "lcsb: {what} could not be built (why); {otherwise}"."""
+    if os.environ.get(switch, "1") == "0":
+        return None
+    try:
+        return make()
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", b"") or b""
+        if isinstance(detail, bytes):
+            detail = detail.decode(errors="replace")
+        why = f"{e}; {detail.strip()[:200]}" if detail.strip() else str(e)
+        warnings.warn(f"lcsb: {what} could not be built ({why}); {otherwise}", RuntimeWarning)
+        return None

@@ -21,8 +21,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
-import subprocess
-import warnings
 from pathlib import Path
 
 from . import native
@@ -82,14 +80,10 @@ def install_allocator(small: int = 64 * 1024, limit: int = 256 << 20) -> bool:
     if _alloc is not None or _alloc_tried:
         return _alloc is not None
     _alloc_tried = True
-    if os.environ.get("LCSB_ALLOCATOR", "1") == "0":
-        return False
-    try:
-        lib = _build_allocator()
-    except (OSError, subprocess.SubprocessError) as e:
-        warnings.warn(f"lcsb: the caching allocator could not be built ({native.describe(e)}); steps "
-                      "will spend more time in page faults. Install a C++ compiler (c++) or set "
-                      "LCSB_ALLOCATOR=0 to silence this.", RuntimeWarning)
+    lib = native.optional(_build_allocator, "LCSB_ALLOCATOR", "the caching allocator",
+                          "steps will spend more time in page faults. Install a C++ compiler (c++) "
+                          "or set LCSB_ALLOCATOR=0 to silence this.")
+    if lib is None:
         return False
     lib.lcsb_alloc_install(small, limit)
     _alloc = lib

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import subprocess
-import warnings
 from pathlib import Path
 
 import torch
@@ -45,15 +43,9 @@ def library() -> ctypes.CDLL | None:
     if _tried:
         return _lib
     _tried = True
-    if os.environ.get("LCSB_KERNELS", "1") == "0":
-        return None
-    try:
-        _lib = _build()
-    except (OSError, subprocess.SubprocessError) as e:
-        warnings.warn(f"lcsb: the dequantization kernel could not be built ({native.describe(e)}); "
-                      "using the slower torch code. "
-                      "Install a C compiler (cc) or set LCSB_KERNELS=0 to silence this.", RuntimeWarning)
-        _lib = None
+    _lib = native.optional(_build, "LCSB_KERNELS", "the dequantization kernel",
+                           "using the slower torch code. Install a C compiler (cc) or set LCSB_KERNELS=0 "
+                           "to silence this.")
     return _lib
 
 
