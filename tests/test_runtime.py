@@ -56,7 +56,10 @@ runtime.release_cached()
 assert st()["cached"] == 0 and st()["held"] == 0 and st()["unmaps"] >= 1
 xs = [torch.empty(1 << 18) for _ in range(5)]
 del xs                                         # 5 MB freed, at most 3 MB kept
-assert st()["cached"] <= 3 << 20 and st()["held"] == st()["cached"], st()
+assert st()["cached"] == 3 << 20 and st()["held"] == st()["cached"], st()
+runtime.limit_cache(1 << 20)                   # a lower limit evicts at once
+assert st()["cached"] == 1 << 20 and st()["held"] == 1 << 20, st()
+runtime.limit_cache(3 << 20)
 def work():
     for i in range(300):
         t = torch.full((20000 + i % 7 * 1000,), 2.0)

@@ -9,8 +9,8 @@
 // bytes is its own anonymous mapping, so nothing long-lived can pin a hole, and a freed block is
 // kept for the next request of its (page-rounded) size. The cache is emptied at phase boundaries
 // (lcsb_alloc_release: end of forward, head, backward) and never holds more than `limit` bytes
-// (the largest blocks go first), so what the process holds stays within one phase's temporaries
-// of what it uses.
+// (the largest blocks go first; the engine sets it to one block's temporaries, lcsb_alloc_limit),
+// so what the process holds stays within one block's temporaries of what it uses.
 //
 // Smaller requests go to c10's own alloc_cpu/free_cpu, as torch's default allocator does.
 // Tensors allocated before installation keep their own deleter. Thread-safe (one mutex).
@@ -91,13 +91,17 @@ struct Pool {
     in_use -= size;
     cached.emplace(size, p);
     cached_bytes += size;
-    while (cached_bytes > limit) {   // over the limit: the largest blocks go first (perhaps this one)
+    evict_locked();                  // perhaps this very block
+    return true;
+  }
+
+  void evict_locked() {   // over the limit: the largest blocks go first
+    while (cached_bytes > limit) {
       auto last = std::prev(cached.end());
       cached_bytes -= last->first;
       unmap_locked(last->second, last->first);
       cached.erase(last);
     }
-    return true;
   }
 
   void release() {
@@ -146,6 +150,14 @@ int lcsb_alloc_install(size_t small, size_t limit) {
     c10::SetCPUAllocator(a, /*priority=*/10);
   }
   return 1;
+}
+
+// Keep at most `limit` bytes of freed blocks from now on.
+void lcsb_alloc_limit(size_t limit) {
+  Pool* p = pool();
+  std::lock_guard<std::mutex> g(p->mu);
+  p->limit = limit;
+  p->evict_locked();
 }
 
 // Unmap every cached (free) block.

@@ -12,8 +12,8 @@ zeroes 4 KB at a time (~7 GB and ~1.7M faults per full step on the Qwen2.5-0.5B 
 the step). `install_allocator` replaces torch's CPU allocator with lcsb's caching one (alloc.cpp):
 each tensor of 64 KB or more is its own mapping (so nothing long-lived fragments a heap) and a
 freed one is kept for the next request of its size; the engine empties that cache at the end of
-each phase of a step (`release_cached`: forward, LM head, backward), so what is held stays within
-one phase's temporaries. No C++ compiler or LCSB_ALLOCATOR=0: torch's allocator, as before.
+each phase of a step (`release_cached`: forward, LM head, backward) and keeps at most one block's
+temporaries in it (`limit_cache`), so what is held stays that close to what is used. No C++ compiler or LCSB_ALLOCATOR=0: torch's allocator, as before.
 """
 
 from __future__ import annotations
@@ -68,10 +68,11 @@ def _build_allocator() -> ctypes.CDLL:
     lib.lcsb_alloc_install.argtypes = [ctypes.c_size_t, ctypes.c_size_t]
     lib.lcsb_alloc_install.restype = ctypes.c_int
     lib.lcsb_alloc_stats.argtypes = [ctypes.POINTER(ctypes.c_uint64)]
+    lib.lcsb_alloc_limit.argtypes = [ctypes.c_size_t]
     return lib
 
 
-def install_allocator(small: int = 64 * 1024, limit: int = 256 << 20) -> bool:
+def install_allocator(small: int = 64 * 1024, limit: int = 64 << 20) -> bool:
     """Make lcsb's caching allocator (alloc.cpp) torch's CPU allocator for the rest of the process:
     tensors of `small` bytes or more reuse freed blocks of their size; at most `limit` bytes of freed
     blocks are kept. False where it is disabled (LCSB_ALLOCATOR=0) or cannot be built (warned once).
@@ -88,6 +89,14 @@ def install_allocator(small: int = 64 * 1024, limit: int = 256 << 20) -> bool:
     lib.lcsb_alloc_install(small, limit)
     _alloc = lib
     return True
+
+
+def limit_cache(nbytes: int) -> None:
+    """Keep at most `nbytes` of freed blocks from now on (a no-op without the allocator). The
+    engine sets it to what one block's temporaries need, so the cache serves them block after
+    block; generation and evaluation run under whatever limit was set last."""
+    if _alloc is not None:
+        _alloc.lcsb_alloc_limit(int(nbytes))
 
 
 def release_cached() -> None:

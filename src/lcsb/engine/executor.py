@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from ..runtime import release_cached
+from ..runtime import limit_cache, release_cached
 from ..model.core import ROW_CHUNK_BYTES, CausalLM, Linear, materialized
 
 ROLES = ("train", "through", "skip")
@@ -215,6 +215,9 @@ def run_step(model: CausalLM, input_ids: torch.Tensor, labels: torch.Tensor, rol
     if n_tokens == 0:
         raise UserError("a batch has no tokens to learn from (every label is -100); check the loss masking of the data")
 
+    # the caching allocator keeps what one block's temporaries need (a few [tokens x intermediate]
+    # tensors; 32 MB was too little on Qwen2.5-0.5B, 64 MB enough), so block after block reuses them
+    limit_cache(max(64 << 20, 8 * B * S * max(model.config.intermediate_size, model.config.hidden_size) * 4))
     t0 = time.perf_counter()
     ckpt = _Checkpoints(activations, len(visit) if recompute else 0, (B, S, model.config.hidden_size), model.dtype)
     rng_states, graphs = {}, {}
