@@ -13,7 +13,8 @@ the step). `install_allocator` replaces torch's CPU allocator with lcsb's cachin
 each tensor of 64 KB or more is its own mapping (so nothing long-lived fragments a heap) and a
 freed one is kept for the next request of its size; the engine empties that cache at the end of
 each phase of a step (`release_cached`: forward, LM head, backward) and keeps at most one block's
-temporaries in it (`limit_cache`), so what is held stays that close to what is used. No C++ compiler or LCSB_ALLOCATOR=0: torch's allocator, as before.
+temporaries in it (`limit_cache`), so what is held stays that close to what is used. No C++
+compiler or LCSB_ALLOCATOR=0: torch's allocator, as before.
 """
 
 from __future__ import annotations
