@@ -1,7 +1,8 @@
-"""Test-wide settings.
+"""Test-wide settings and the shared tiny model.
 
 The test models are tiny: a second torch thread only adds synchronisation, which costs seconds on a
-busy 2-core machine (a 32x64 linear took 16 ms with two threads under load, 0.05 ms with one).
+busy 2-core machine (a 32x64 linear took 16 ms with two threads under load, 0.05 ms with one), so
+every test starts with one thread (a test that changes it for itself restores nothing).
 """
 
 import sys
@@ -13,6 +14,28 @@ import torch
 
 torch.set_num_threads(1)
 sys.path.insert(0, str(Path(__file__).parent))   # tests/hf.py and tests/tiny.py import as plain modules
+
+import tiny  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny4(tmp_path_factory) -> Path:
+    """The 4-layer tiny Llama with its tokenizer (tests/tiny.py), built once per session."""
+    folder = tmp_path_factory.getbasetemp() / "tiny-llama-4"
+    if not (folder / "config.json").exists():
+        tiny.make_model(folder, layers=4)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def chat_data(tmp_path_factory) -> Path:
+    """tiny.make_chat_data's learnable chat task (train.jsonl, valid.jsonl)."""
+    return tiny.make_chat_data(tmp_path_factory.mktemp("chat"))
 
 
 @pytest.fixture

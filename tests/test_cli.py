@@ -32,15 +32,6 @@ PROMPT = "The model reads héllo wörld"
 N = 12
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # the model is tiny: a second thread only adds synchronisation, which costs seconds on a busy machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _corpus() -> list[str]:
     rng = random.Random(0)
     words = "the a model token reply hello world héllo wörld café naïve 日本語 テキスト 🎉 data 42 3.14".split()

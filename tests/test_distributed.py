@@ -124,22 +124,14 @@ def assert_same_adapter(a: Path, b: Path, exact: bool = False):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.getbasetemp() / "tiny-llama-4"       # the folder test_trainer.py builds
-    if not (folder / "config.json").exists():
-        tiny.make_model(folder, layers=4)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, model_dir):
+def runs(tmp_path_factory, tiny4):
     """The 2-rank runs (full through torchrun; lcsb, lcsb stopped at step 4 by a SIGTERM to rank 1 only, and
     the replica check forked), and the 1-process references (batch 2; batch 1 x grad-accum 2) run here."""
     root = tmp_path_factory.mktemp("ddp")
     # text records of 3-12 words: counted tokens differ between records, so a mean of per-sequence means
     # would not match; the token-weighted mean does
     data = tiny.make_text_data(root / "text")
-    common = [str(a) for a in ["--model", model_dir, "--data", data, *COMMON]]
+    common = [str(a) for a in ["--model", tiny4, "--data", data, *COMMON]]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)

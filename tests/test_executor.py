@@ -98,15 +98,6 @@ class Zoo:
         return self.models[key]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tensors are tiny: intra-op threads only add synchronisation (30x slower on a busy box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
     return Zoo(tmp_path_factory.mktemp("executor"))

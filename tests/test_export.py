@@ -5,7 +5,6 @@ adapter trained on in lcsb; `lcsb generate` and `lcsb eval` with a run folder, a
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,38 +27,11 @@ RANK, ALPHA = 4, 8.0
 PROMPT = "what is colour of sky"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # the model is tiny: a second thread only adds synchronisation, which costs seconds on a busy machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tiny_model(tmp_path_factory) -> Path:
-    """The 4-layer tiny model, built once per session (test_trainer.py uses the same folder)."""
-    folder = tmp_path_factory.getbasetemp() / "tiny-llama-4"
-    if not (folder / "config.json").exists():
-        tiny.make_model(folder, layers=4)
-    return folder
-
-
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_model(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def chat_dir(tmp_path_factory):
-    return tiny.make_chat_data(tmp_path_factory.mktemp("chat"))
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, model_dir, chat_dir):
+def run_dir(tmp_path_factory, tiny4, chat_data):
     """A finished run: lr 1e-2 for a few steps, so every B is non-zero."""
     out = tmp_path_factory.mktemp("runs") / "run"
-    train(TrainConfig(model=str(model_dir), data=str(chat_dir), out=str(out), method="full", steps=6, lr=1e-2,
+    train(TrainConfig(model=str(tiny4), data=str(chat_data), out=str(out), method="full", steps=6, lr=1e-2,
                       rank=RANK, alpha=ALPHA, dropout=0.05, batch_size=4, save_every=0), quiet=True)
     return out
 
@@ -71,13 +43,13 @@ def ids():
 
 
 @pytest.fixture(scope="module")
-def lcsb_logits(model_dir, run_dir, ids):
+def lcsb_logits(tiny4, run_dir, ids):
     with torch.no_grad():
-        return load_model(model_dir, adapter=run_dir)(ids)
+        return load_model(tiny4, adapter=run_dir)(ids)
 
 
-def peft_model(model_dir, adapter):
-    return PeftModel.from_pretrained(hf.reference(model_dir), str(adapter)).eval()
+def peft_model(tiny4, adapter):
+    return PeftModel.from_pretrained(hf.reference(tiny4), str(adapter)).eval()
 
 
 def logits_of(model, ids):
@@ -92,21 +64,21 @@ def run(*argv) -> int:
         return e.code
 
 
-def test_run_adapter_loads_in_peft(model_dir, run_dir, ids, lcsb_logits):
+def test_run_adapter_loads_in_peft(tiny4, run_dir, ids, lcsb_logits):
     weights = load_file(str(run_dir / "adapter_model.safetensors"))
     assert all(t.abs().max() > 0 for k, t in weights.items() if "lora_B" in k)
-    ref = logits_of(peft_model(model_dir, run_dir), ids)
+    ref = logits_of(peft_model(tiny4, run_dir), ids)
     assert hf.rel_diff(ref, lcsb_logits) < 1e-4
-    base = logits_of(hf.reference(model_dir), ids)
+    base = logits_of(hf.reference(tiny4), ids)
     assert hf.rel_diff(ref, base) > 1e-3               # the adapter matters: the parity above means something
 
 
-def test_export_peft(model_dir, run_dir, tmp_path, ids, lcsb_logits, capsys):
+def test_export_peft(tiny4, run_dir, tmp_path, ids, lcsb_logits, capsys):
     out = tmp_path / "peft"
     assert run("export", run_dir, "--to", "peft", "--out", out) == 0
     assert capsys.readouterr().out.strip() == str(out)
     assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
-    assert hf.rel_diff(logits_of(peft_model(model_dir, out), ids), lcsb_logits) < 1e-4
+    assert hf.rel_diff(logits_of(peft_model(tiny4, out), ids), lcsb_logits) < 1e-4
     # the output folder is not overwritten unless asked, and nothing is left behind
     assert run("export", run_dir, "--to", "peft", "--out", out) == 2
     assert "--overwrite" in capsys.readouterr().err
@@ -114,7 +86,7 @@ def test_export_peft(model_dir, run_dir, tmp_path, ids, lcsb_logits, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["peft"]
 
 
-def test_export_merged(model_dir, run_dir, tmp_path, ids, lcsb_logits):
+def test_export_merged(tiny4, run_dir, tmp_path, ids, lcsb_logits):
     out = tmp_path / "merged"
     assert run("export", run_dir, "--to", "merged", "--out", out) == 0     # base: base_model_name_or_path
     config = json.loads((out / "config.json").read_text())
@@ -122,15 +94,15 @@ def test_export_merged(model_dir, run_dir, tmp_path, ids, lcsb_logits):
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager").eval()
     assert hf.rel_diff(logits_of(merged, ids), lcsb_logits) < 1e-4
     # the same names and shapes as the original checkpoint, and the tokenizer comes along
-    a, b = load_file(str(model_dir / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    a, b = load_file(str(tiny4 / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
     assert torch.equal(a["model.norm.weight"], b["model.norm.weight"])
-    assert AutoTokenizer.from_pretrained(out)(PROMPT)["input_ids"] == AutoTokenizer.from_pretrained(model_dir)(PROMPT)["input_ids"]
+    assert AutoTokenizer.from_pretrained(out)(PROMPT)["input_ids"] == AutoTokenizer.from_pretrained(tiny4)(PROMPT)["input_ids"]
 
 
-def test_export_merged_from_converted_base(model_dir, run_dir, tmp_path, ids, capsys):
+def test_export_merged_from_converted_base(tiny4, run_dir, tmp_path, ids, capsys):
     """A quantized `lcsb convert` base: merged into its dequantized weights, and the user is told."""
-    converted = convert_model(model_dir, tmp_path / "int8", quant="int8")
+    converted = convert_model(tiny4, tmp_path / "int8", quant="int8")
     out = tmp_path / "merged"
     assert run("export", run_dir, "--to", "merged", "--model", converted, "--out", out) == 0
     err = capsys.readouterr().err
@@ -166,24 +138,24 @@ def test_export_mlx(run_dir, tmp_path, capsys):
         torch.testing.assert_close(lp["scale"] * (x @ a) @ b, (ALPHA / RANK) * x @ A.T @ B.T)
 
 
-def test_peft_adapter_trains_in_lcsb(model_dir, chat_dir, tmp_path):
+def test_peft_adapter_trains_in_lcsb(tiny4, chat_data, tmp_path):
     """An adapter made by PEFT (random A and B) loads into training; step 1's loss is PEFT's forward loss."""
     cfg = PeftLoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"],
                          init_lora_weights=False, task_type="CAUSAL_LM")
-    peft = get_peft_model(hf.reference(model_dir), cfg).eval()
+    peft = get_peft_model(hf.reference(tiny4), cfg).eval()
     made = tmp_path / "made-by-peft"
     peft.save_pretrained(made)
     start = load_file(str(made / "adapter_model.safetensors"))
 
     # the first batch of the run: seed 0, epoch 0, as the trainer draws it
-    tok = load_tokenizer(model_dir)
-    splits = datalib.load_dataset(chat_dir, tok, max_seq_len=256)
+    tok = load_tokenizer(tiny4)
+    splits = datalib.load_dataset(chat_data, tok, max_seq_len=256)
     batch_ids, labels = next(datalib.batches(splits.train, 2, seed=0, epoch=0, pad_token_id=splits.pad_token_id))
     with torch.no_grad():
         expected = peft(input_ids=batch_ids, labels=labels).loss.item()
 
     out = tmp_path / "run"
-    res = train(TrainConfig(model=str(model_dir), data=str(chat_dir), out=str(out), adapter=str(made), steps=3,
+    res = train(TrainConfig(model=str(tiny4), data=str(chat_data), out=str(out), adapter=str(made), steps=3,
                             lr=1e-2, batch_size=2, save_every=0), quiet=True)
     first = json.loads((out / "log.jsonl").read_text().splitlines()[0])
     assert first["step"] == 1 and first["trained"] == [0]       # lcsb, K=4: block 0 first
@@ -198,9 +170,9 @@ def test_peft_adapter_trains_in_lcsb(model_dir, chat_dir, tmp_path):
     assert res.steps == 3
 
 
-def test_generate_with_run_folder(model_dir, run_dir, monkeypatch, capsys):
+def test_generate_with_run_folder(tiny4, run_dir, monkeypatch, capsys):
     """`lcsb generate --adapter RUN` prints what PEFT's greedy generate gives with the run's adapter."""
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(tiny4)
     prompt = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
                                      return_dict=False)
     ids = torch.tensor([prompt])
@@ -209,9 +181,9 @@ def test_generate_with_run_folder(model_dir, run_dir, monkeypatch, capsys):
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=6)
         return tok.decode(out[0, len(prompt):], skip_special_tokens=True) + "\n"
 
-    expected = greedy(peft_model(model_dir, run_dir))
-    assert expected != greedy(hf.reference(model_dir))     # the adapter changes the answer
-    assert run("generate", "--model", model_dir, "--adapter", run_dir, "--prompt", PROMPT, "--chat",
+    expected = greedy(peft_model(tiny4, run_dir))
+    assert expected != greedy(hf.reference(tiny4))     # the adapter changes the answer
+    assert run("generate", "--model", tiny4, "--adapter", run_dir, "--prompt", PROMPT, "--chat",
                "--max-new-tokens", 6) == 0
     assert capsys.readouterr().out == expected
 
@@ -230,16 +202,16 @@ def reference_metrics(model, examples) -> dict:
     return {"loss": loss_sum / n, "accuracy": correct / n, "tokens": n}
 
 
-def test_eval(model_dir, run_dir, chat_dir, tmp_path, capsys):
+def test_eval(tiny4, run_dir, chat_data, tmp_path, capsys):
     """`lcsb eval`: a data folder scores test.jsonl if present, else valid.jsonl; a file scores all its records."""
-    tok = load_tokenizer(model_dir)
-    valid = datalib.load_dataset(chat_dir / "valid.jsonl", tok, max_seq_len=256).train
-    expected = reference_metrics(peft_model(model_dir, run_dir), valid)
+    tok = load_tokenizer(tiny4)
+    valid = datalib.load_dataset(chat_data / "valid.jsonl", tok, max_seq_len=256).train
+    expected = reference_metrics(peft_model(tiny4, run_dir), valid)
 
-    assert run("eval", "--model", model_dir, "--adapter", run_dir, "--data", chat_dir, "--batch-size", 3,
+    assert run("eval", "--model", tiny4, "--adapter", run_dir, "--data", chat_data, "--batch-size", 3,
                "--json") == 0
     got = json.loads(capsys.readouterr().out)
-    assert got["data"] == str(chat_dir / "valid.jsonl") and got["records"] == len(valid)
+    assert got["data"] == str(chat_data / "valid.jsonl") and got["records"] == len(valid)
     assert got["tokens"] == expected["tokens"]
     assert got["loss"] == pytest.approx(expected["loss"], rel=1e-5)
     assert got["perplexity"] == pytest.approx(torch.tensor(expected["loss"]).exp().item(), rel=1e-5)
@@ -248,15 +220,15 @@ def test_eval(model_dir, run_dir, chat_dir, tmp_path, capsys):
     # a folder with test.jsonl scores it; a single file scores every record; text output on one line
     data = tmp_path / "data"
     tiny.make_chat_data(data, n_train=4, n_valid=3, seed=1)
-    tiny.write_jsonl(data / "test.jsonl", [json.loads(l) for l in (chat_dir / "valid.jsonl").read_text().splitlines()])
-    assert run("eval", "--model", model_dir, "--adapter", run_dir, "--data", data, "--batch-size", 3) == 0
+    tiny.write_jsonl(data / "test.jsonl", [json.loads(l) for l in (chat_data / "valid.jsonl").read_text().splitlines()])
+    assert run("eval", "--model", tiny4, "--adapter", run_dir, "--data", data, "--batch-size", 3) == 0
     line = capsys.readouterr().out.strip()
     assert "\n" not in line and f"loss {expected['loss']:.4f}" in line and "perplexity" in line
     assert "token accuracy" in line and str(data / "test.jsonl") in line and f"({expected['tokens']} tokens" in line
-    assert run("eval", "--model", model_dir, "--data", data / "train.jsonl", "--json") == 0
+    assert run("eval", "--model", tiny4, "--data", data / "train.jsonl", "--json") == 0
     assert json.loads(capsys.readouterr().out)["records"] == 4
     # --max-batches: the first N batches of the fixed order
-    assert run("eval", "--model", model_dir, "--adapter", run_dir, "--data", chat_dir, "--batch-size", 3,
+    assert run("eval", "--model", tiny4, "--adapter", run_dir, "--data", chat_data, "--batch-size", 3,
                "--max-batches", 1, "--json") == 0
     assert json.loads(capsys.readouterr().out)["tokens"] < expected["tokens"]
 
@@ -267,11 +239,11 @@ def test_eval(model_dir, run_dir, chat_dir, tmp_path, capsys):
     (["export", "{unfinished}", "--to", "peft"], "latest checkpoint"),
     (["export", "{run}", "--to", "merged", "--model", "{missing}", "--out", "{out}"], "base model folder not found"),
 ])
-def test_errors(model_dir, run_dir, tmp_path, capsys, argv, match):
+def test_errors(tiny4, run_dir, tmp_path, capsys, argv, match):
     unfinished = tmp_path / "unfinished"
     (unfinished / "checkpoints" / "step-0000005").mkdir(parents=True)
     (unfinished / "checkpoints" / "step-0000005" / "state.json").write_text("{}")
-    names = dict(model=model_dir, missing=tmp_path / "missing", run=run_dir, out=tmp_path / "out",
+    names = dict(model=tiny4, missing=tmp_path / "missing", run=run_dir, out=tmp_path / "out",
                  unfinished=unfinished)
     assert run(*[a.format(**names) for a in argv]) == 2
     err = capsys.readouterr().err.strip()

@@ -32,14 +32,6 @@ from lcsb.model import load_config, load_model
 from lcsb.model.core import materialized
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("text, mb", [("800MB", 800), ("800mb", 800), ("2GB", 2048), ("1.5G", 1536), ("800", 800),
                                       (800, 800), (1.5, 1.5), ("512 MiB", 512), ("2g", 2048), ("1048576B", 1),
                                       ("4096k", 4)])
@@ -79,14 +71,6 @@ def wide_model(tiny_folder: Path, dst: Path, layers=2, hidden=512, inter=1536, h
             t[f"{p}{name}.weight"] = torch.randn(*shape, generator=g) * 0.02
     save_file(t, str(dst / "model.safetensors"), metadata={"format": "pt"})
     return dst
-
-
-@pytest.fixture(scope="module")
-def tiny4(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.getbasetemp() / "tiny-llama-4"
-    if not (folder / "config.json").exists():
-        tiny.make_model(folder, layers=4)
-    return folder
 
 
 def long_text(folder: Path, n=8, words=400) -> Path:

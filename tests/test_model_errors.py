@@ -23,14 +23,6 @@ import hf
 FAMILY_NAMES = ["llama", "qwen2", "qwen3", "gemma3"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """One good checkpoint per family (and a sharded Llama), built once; tests edit copies."""

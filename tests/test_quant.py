@@ -17,14 +17,6 @@ from lcsb.quant.formats import NF4, Dense, Int4, Int8, quantize, weight_from_ten
 GROUPS = (32, 64, 128)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # small tensors: a second intra-op thread only adds synchronisation (and stalls on a busy machine)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 # QLoRA's NF4 data type as published (Dettmers et al. 2023, appendix E; bitsandbytes functional.py).
 QLORA_NF4 = [
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,

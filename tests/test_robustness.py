@@ -84,19 +84,6 @@ def model2(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def model4(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.getbasetemp() / "tiny-llama-4"      # test_trainer.py's, when it ran first
-    if not (folder / "config.json").exists():
-        tiny.make_model(folder, layers=4)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def chat(tmp_path_factory) -> Path:
-    return tiny.make_chat_data(tmp_path_factory.mktemp("chat"))
-
-
 def cli(capsys, *argv) -> tuple[int, str]:
     """Run `lcsb argv` in-process: (exit status, stderr)."""
     capsys.readouterr()
@@ -155,10 +142,10 @@ def assert_checkpoints_complete(run: Path):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, model2, chat) -> Path:
+def reference(tmp_path_factory, model2, chat_data) -> Path:
     """The uninterrupted run every interrupted one must end up equal to."""
     out = tmp_path_factory.mktemp("reference") / "run"
-    assert main([str(a) for a in train_args(model2, chat, out)]) == 0
+    assert main([str(a) for a in train_args(model2, chat_data, out)]) == 0
     return out
 
 
@@ -180,22 +167,22 @@ def _data(tmp, lines: list[bytes], valid=True) -> Path:
 GOOD = json.dumps(_chat_line()).encode()
 
 
-def case_non_utf8(tmp, m2, m4, chat):
+def case_non_utf8(tmp, m2, m4, chat_data):
     d = _data(tmp, [GOOD, b'{"messages": [{"role": "user", "content": "caf\xe9"}]}'])
     return train_args(m2, d, tmp / "run"), [f"{d / 'train.jsonl'}:2", "UTF-8"]
 
 
-def case_wrong_shape(tmp, m2, m4, chat):
+def case_wrong_shape(tmp, m2, m4, chat_data):
     d = _data(tmp, [GOOD, GOOD, b'{"question": "hi", "answer": "there"}'])
     return train_args(m2, d, tmp / "run"), [f"{d / 'train.jsonl'}:3", "no known keys"]
 
 
-def case_empty_text(tmp, m2, m4, chat):
+def case_empty_text(tmp, m2, m4, chat_data):
     d = _data(tmp, [b'{"text": "the cat sat"}', b'{"text": "  "}'])
     return train_args(m2, d, tmp / "run"), [f"{d / 'train.jsonl'}:2", '"text" is empty']
 
 
-def case_nothing_to_learn(tmp, m2, m4, chat):
+def case_nothing_to_learn(tmp, m2, m4, chat_data):
     long_prompt = " ".join(["what is colour of the sky"] * 20)
     d = _data(tmp, [json.dumps({"prompt": "sky", "completion": " blue"}).encode(),
                     json.dumps({"prompt": long_prompt, "completion": " blue"}).encode()], valid=False)
@@ -203,12 +190,12 @@ def case_nothing_to_learn(tmp, m2, m4, chat):
             [f"{d / 'train.jsonl'}:2", "no token left to learn from", "max_seq_len 24"])
 
 
-def case_empty_file(tmp, m2, m4, chat):
+def case_empty_file(tmp, m2, m4, chat_data):
     d = _data(tmp, [])
     return train_args(m2, d, tmp / "run"), [f"{d / 'train.jsonl'}", "no records"]
 
 
-def case_missing_data(tmp, m2, m4, chat):
+def case_missing_data(tmp, m2, m4, chat_data):
     return train_args(m2, tmp / "nowhere", tmp / "run"), [f"{tmp / 'nowhere'}", "no such file or folder"]
 
 
@@ -218,44 +205,44 @@ def _model_copy(tmp, m2) -> Path:
     return m
 
 
-def case_config_missing_field(tmp, m2, m4, chat):
+def case_config_missing_field(tmp, m2, m4, chat_data):
     m = _model_copy(tmp, m2)
     cfg = json.loads((m / "config.json").read_text())
     del cfg["num_attention_heads"]
     (m / "config.json").write_text(json.dumps(cfg))
-    return train_args(m, chat, tmp / "run"), [f"{m / 'config.json'}", "'num_attention_heads'", "missing"]
+    return train_args(m, chat_data, tmp / "run"), [f"{m / 'config.json'}", "'num_attention_heads'", "missing"]
 
 
-def case_config_unsupported(tmp, m2, m4, chat):
+def case_config_unsupported(tmp, m2, m4, chat_data):
     m = _model_copy(tmp, m2)
     cfg = json.loads((m / "config.json").read_text())
     cfg["rope_parameters"] = {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}
     (m / "config.json").write_text(json.dumps(cfg))
-    return train_args(m, chat, tmp / "run"), [f"{m / 'config.json'}", "'dynamic'", "not supported"]
+    return train_args(m, chat_data, tmp / "run"), [f"{m / 'config.json'}", "'dynamic'", "not supported"]
 
 
-def case_truncated_weights(tmp, m2, m4, chat):
+def case_truncated_weights(tmp, m2, m4, chat_data):
     m = _model_copy(tmp, m2)
     w = m / "model.safetensors"
     w.write_bytes(w.read_bytes()[: w.stat().st_size * 2 // 3])
-    return train_args(m, chat, tmp / "run"), [f"{w}", "truncated or corrupt"]
+    return train_args(m, chat_data, tmp / "run"), [f"{w}", "truncated or corrupt"]
 
 
-def case_no_chat_template(tmp, m2, m4, chat):
+def case_no_chat_template(tmp, m2, m4, chat_data):
     m = _model_copy(tmp, m2)
     (m / "chat_template.jinja").unlink(missing_ok=True)
     tc = m / "tokenizer_config.json"
     tc.write_text(tc.read_text().replace('"chat_template"', '"unused_template"'))
-    return train_args(m, chat, tmp / "run"), [f"{chat / 'train.jsonl'}:1", "chat template", str(m)]
+    return train_args(m, chat_data, tmp / "run"), [f"{chat_data / 'train.jsonl'}:1", "chat template", str(m)]
 
 
-def case_seq_len_over_context(tmp, m2, m4, chat):
-    return (train_args(m2, chat, tmp / "run", "--max-seq-len", 4096),
+def case_seq_len_over_context(tmp, m2, m4, chat_data):
+    return (train_args(m2, chat_data, tmp / "run", "--max-seq-len", 4096),
             ["--max-seq-len 4096", "max_position_embeddings=256", f"{m2}/config.json"])
 
 
-def case_eval_seq_len_over_context(tmp, m2, m4, chat):
-    return (["eval", "--model", m2, "--data", chat, "--max-seq-len", 300],
+def case_eval_seq_len_over_context(tmp, m2, m4, chat_data):
+    return (["eval", "--model", m2, "--data", chat_data, "--max-seq-len", 300],
             ["--max-seq-len 300", "max_position_embeddings=256", f"{m2}/config.json"])
 
 
@@ -265,19 +252,19 @@ def _adapter(folder: Path, model: Path, rank=4, targets=("q_proj", "v_proj")) ->
     return folder
 
 
-def case_adapter_more_layers(tmp, m2, m4, chat):       # made for the 4-layer model, used on the 2-layer one
+def case_adapter_more_layers(tmp, m2, m4, chat_data):       # made for the 4-layer model, used on the 2-layer one
     a = _adapter(tmp / "adapter", m4)
-    return (train_args(m2, chat, tmp / "run", "--adapter", a),
+    return (train_args(m2, chat_data, tmp / "run", "--adapter", a),
             [f"{a / 'adapter_model.safetensors'}", "4 layers", "has 2", "num_hidden_layers", f"{m2}/config.json"])
 
 
-def case_adapter_fewer_layers(tmp, m2, m4, chat):
+def case_adapter_fewer_layers(tmp, m2, m4, chat_data):
     a = _adapter(tmp / "adapter", m2)
-    return (["eval", "--model", m4, "--adapter", a, "--data", chat],
+    return (["eval", "--model", m4, "--adapter", a, "--data", chat_data],
             [f"{a / 'adapter_model.safetensors'}", "layer(s) 2, 3", "4", f"{m4}/config.json"])
 
 
-def case_adapter_rank(tmp, m2, m4, chat):
+def case_adapter_rank(tmp, m2, m4, chat_data):
     a = _adapter(tmp / "adapter", m2)
     cfg = json.loads((a / "adapter_config.json").read_text())
     cfg["r"] = 8
@@ -286,26 +273,26 @@ def case_adapter_rank(tmp, m2, m4, chat):
             [f"{a / 'adapter_model.safetensors'}", "rank 4", "r=8", f"{a / 'adapter_config.json'}"])
 
 
-def case_adapter_targets(tmp, m2, m4, chat):
+def case_adapter_targets(tmp, m2, m4, chat_data):
     a = _adapter(tmp / "adapter", m2)
     cfg = json.loads((a / "adapter_config.json").read_text())
     cfg["target_modules"] = ["q_proj", "k_proj", "v_proj"]
     (a / "adapter_config.json").write_text(json.dumps(cfg))
-    return (train_args(m2, chat, tmp / "run", "--adapter", a),
+    return (train_args(m2, chat_data, tmp / "run", "--adapter", a),
             [f"{a / 'adapter_config.json'}", "k_proj, q_proj, v_proj", "q_proj, v_proj"])
 
 
-def case_adapter_size(tmp, m2, m4, chat):                # a projection of another model's width
+def case_adapter_size(tmp, m2, m4, chat_data):                # a projection of another model's width
     a = _adapter(tmp / "adapter", m2)
     w = a / "adapter_model.safetensors"
     t = load_file(str(w))
     t["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"] = torch.zeros(4, 48)
     save_file(t, str(w))
-    return (["eval", "--model", m2, "--adapter", a, "--data", chat],
+    return (["eval", "--model", m2, "--adapter", a, "--data", chat_data],
             [f"{w}", "layers.1.self_attn.q_proj.lora_A", "size 48", "has 64", f"{m2}/config.json"])
 
 
-def case_adapter_bad_rank_field(tmp, m2, m4, chat):
+def case_adapter_bad_rank_field(tmp, m2, m4, chat_data):
     a = _adapter(tmp / "adapter", m2)
     cfg = json.loads((a / "adapter_config.json").read_text())
     cfg["r"] = "four"
@@ -314,35 +301,35 @@ def case_adapter_bad_rank_field(tmp, m2, m4, chat):
             [f"{a / 'adapter_config.json'}", "'r'", "positive integer"])
 
 
-def case_yaml_wrong_type(tmp, m2, m4, chat):
+def case_yaml_wrong_type(tmp, m2, m4, chat_data):
     conf = tmp / "run.yaml"
-    conf.write_text(yaml.safe_dump({"model": str(m2), "data": str(chat), "lr": "fast", "out": str(tmp / "run")}))
+    conf.write_text(yaml.safe_dump({"model": str(m2), "data": str(chat_data), "lr": "fast", "out": str(tmp / "run")}))
     return ["train", "--config", conf], ["--lr", "`lr` in a config file", "a number", "'fast'"]
 
 
-def case_yaml_wrong_choice(tmp, m2, m4, chat):
+def case_yaml_wrong_choice(tmp, m2, m4, chat_data):
     conf = tmp / "run.yaml"
-    conf.write_text(yaml.safe_dump({"model": str(m2), "data": str(chat), "method": "magic", "out": str(tmp / "run")}))
+    conf.write_text(yaml.safe_dump({"model": str(m2), "data": str(chat_data), "method": "magic", "out": str(tmp / "run")}))
     return ["train", "--config", conf], ["--method", "'magic'", "lcsb"]
 
 
-def case_yaml_targets_not_a_list(tmp, m2, m4, chat):
+def case_yaml_targets_not_a_list(tmp, m2, m4, chat_data):
     conf = tmp / "run.yaml"
-    conf.write_text(yaml.safe_dump({"model": str(m2), "data": str(chat), "targets": 7, "out": str(tmp / "run")}))
+    conf.write_text(yaml.safe_dump({"model": str(m2), "data": str(chat_data), "targets": 7, "out": str(tmp / "run")}))
     return ["train", "--config", conf], ["--targets", "a list of strings", "7"]
 
 
-def case_out_is_a_file(tmp, m2, m4, chat):
+def case_out_is_a_file(tmp, m2, m4, chat_data):
     (tmp / "notes.txt").write_text("not a run")
-    return train_args(m2, chat, tmp / "notes.txt"), [f"--out {tmp / 'notes.txt'}", "is a file"]
+    return train_args(m2, chat_data, tmp / "notes.txt"), [f"--out {tmp / 'notes.txt'}", "is a file"]
 
 
 CASES = {name.removeprefix("case_"): fn for name, fn in dict(globals()).items() if name.startswith("case_")}
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input(case, tmp_path, model2, model4, chat, capsys):
-    argv, needles = CASES[case](tmp_path, model2, model4, chat)
+def test_bad_input(case, tmp_path, model2, tiny4, chat_data, capsys):
+    argv, needles = CASES[case](tmp_path, model2, tiny4, chat_data)
     rc, err = cli(capsys, *argv)
     line = error_line(err)
     assert rc == 2, err
@@ -375,15 +362,15 @@ OPTIONS = [
 
 
 @pytest.mark.parametrize("flags, option, what", OPTIONS, ids=[" ".join(map(str, o[0])) for o in OPTIONS])
-def test_option_out_of_range(flags, option, what, tmp_path, model2, chat, capsys, monkeypatch):
+def test_option_out_of_range(flags, option, what, tmp_path, model2, chat_data, capsys, monkeypatch):
     monkeypatch.setattr(trainer, "load_model", lambda *a, **k: pytest.fail("loaded the weights"))
-    rc, err = cli(capsys, *train_args(model2, chat, tmp_path / "run"), *flags)
+    rc, err = cli(capsys, *train_args(model2, chat_data, tmp_path / "run"), *flags)
     line = error_line(err)
     assert rc == 2 and option in line and what in line, line
     assert not (tmp_path / "run").exists()
 
 
-def test_failed_resume_leaves_the_run_folder_as_it_was(reference, tmp_path, chat, capsys):
+def test_failed_resume_leaves_the_run_folder_as_it_was(reference, tmp_path, chat_data, capsys):
     """A resume refused for bad input (an option, the memory budget, a broken data file) writes nothing."""
     run = tmp_path / "run"
     shutil.copytree(reference, run)
@@ -403,7 +390,7 @@ def test_failed_resume_leaves_the_run_folder_as_it_was(reference, tmp_path, chat
 
 # ---------------------------------------------------------------- interruption: SIGINT, SIGKILL, failed writes
 
-def test_sigint_finishes_the_step_and_checkpoints(reference, model2, chat, tmp_path, monkeypatch, capsys):
+def test_sigint_finishes_the_step_and_checkpoints(reference, model2, chat_data, tmp_path, monkeypatch, capsys):
     run, calls, run_step = tmp_path / "run", [0], trainer.run_step
 
     def interrupt_in_step_5(*args, **kw):
@@ -413,7 +400,7 @@ def test_sigint_finishes_the_step_and_checkpoints(reference, model2, chat, tmp_p
         return run_step(*args, **kw)
 
     monkeypatch.setattr(trainer, "run_step", interrupt_in_step_5)
-    rc, err = cli(capsys, *train_args(model2, chat, run))
+    rc, err = cli(capsys, *train_args(model2, chat_data, run))
     assert rc == 130 and calls[0] == 5                      # the step was finished, no other begun
     assert "stopped by signal 2 after step 5" in err and f"lcsb train --resume {run}" in err
     assert trainer.latest_checkpoint(run).name == "step-0000005"
@@ -549,12 +536,12 @@ def kill(pid: int):
 
 
 def _kill_and_resume(launcher: Launcher, i: int, rng: random.Random, duration: float, root: Path, ref: Path,
-                     model2: Path, chat: Path) -> dict:
+                     model2: Path, chat_data: Path) -> dict:
     """Run i: killed with SIGKILL (odd i: inside a checkpoint write; even i: at a random time), killed again
     while resuming when i % 3 == 0, then resumed to the end and compared with the uninterrupted run."""
     slow = 0.004                               # per file operation of a checkpoint write: a ~50 ms window
     run, err, marks = root / f"run{i}", root / f"run{i}.err", root / f"run{i}.marks"
-    fresh = train_args(model2, chat, run)
+    fresh = train_args(model2, chat_data, run)
     if i % 2:                                  # inside the write of a random checkpoint, at a random point
         step = SAVE_EVERY * rng.randint(1, STEPS // SAVE_EVERY)
         pid = launcher.start(fresh, err, slow, marks)
@@ -589,20 +576,20 @@ def _kill_and_resume(launcher: Launcher, i: int, rng: random.Random, duration: f
     return dict(run=i, killed=killed, in_checkpoint=in_checkpoint, restarted=restarted, at=str(at))
 
 
-def test_sigkill_at_random_moments(tmp_path, model2, chat):
+def test_sigkill_at_random_moments(tmp_path, model2, chat_data):
     """20 runs killed with SIGKILL (10 at a random time, 10 inside a checkpoint write; every third one
     killed again while resuming), each resumed to the end: all equal the uninterrupted run. Two launchers
     take ten runs each, side by side."""
     launchers = [Launcher(), Launcher()]
     try:
         ref = tmp_path / "reference"           # in-process, while the launchers import torch
-        assert main([str(a) for a in train_args(model2, chat, ref)]) == 0
+        assert main([str(a) for a in train_args(model2, chat_data, ref)]) == 0
         for launcher in launchers:
             launcher.ready()
         # the same run in each child: how long a run takes side by side, and a child's run equals ours
         t0 = time.monotonic()
         for k, launcher in enumerate(launchers):
-            launcher.start(train_args(model2, chat, tmp_path / f"timing{k}"), tmp_path / f"timing{k}.err")
+            launcher.start(train_args(model2, chat_data, tmp_path / f"timing{k}"), tmp_path / f"timing{k}.err")
         for k, launcher in enumerate(launchers):
             assert launcher.status() == 0, (tmp_path / f"timing{k}.err").read_text()
             assert_same_run(ref, tmp_path / f"timing{k}")
@@ -614,7 +601,7 @@ def test_sigkill_at_random_moments(tmp_path, model2, chat):
             rng = random.Random(9 + k)
             try:
                 for i in range(k, 20, 2):
-                    results.append(_kill_and_resume(launchers[k], i, rng, duration, tmp_path, ref, model2, chat))
+                    results.append(_kill_and_resume(launchers[k], i, rng, duration, tmp_path, ref, model2, chat_data))
             except BaseException as e:         # reported by the main thread
                 failures.append(e)
 
@@ -660,7 +647,7 @@ def _fill(fs: Path, leave: int) -> Path:
     return filler
 
 
-def test_disk_full_and_read_only(reference, tmp_path, model2, chat, monkeypatch, capsys):
+def test_disk_full_and_read_only(reference, tmp_path, model2, chat_data, monkeypatch, capsys):
     """Disk full in the middle of a run: the checkpoint write fails cleanly (exit 4, run folder and previous
     checkpoint named, no temporary folder left), and once space is back the run resumes to the same
     adapter. A run folder on a file system made read-only: resuming fails the same way, writes nothing,
@@ -682,7 +669,7 @@ def test_disk_full_and_read_only(reference, tmp_path, model2, chat, monkeypatch,
         run = fs / "run"
         filler = []
         monkeypatch.setattr(trainer, "run_step", at_step(5, lambda: filler.append(_fill(fs, leave=6000))))
-        rc, err = cli(capsys, *train_args(model2, chat, run))
+        rc, err = cli(capsys, *train_args(model2, chat_data, run))
         line = error_line(err)
         assert rc == 4, err
         previous = run / "checkpoints" / "step-0000004"
@@ -719,7 +706,7 @@ def test_disk_full_and_read_only(reference, tmp_path, model2, chat, monkeypatch,
         subprocess.run(["umount", "-l", str(fs)], capture_output=True)
 
 
-def test_failed_checkpoint_write_cleans_up(reference, tmp_path, model2, chat, monkeypatch, capsys):
+def test_failed_checkpoint_write_cleans_up(reference, tmp_path, model2, chat_data, monkeypatch, capsys):
     """Permission denied half-way through a checkpoint (as a non-root user would meet it): the temporary
     folder is removed, the message names the run folder and the previous checkpoint, exit status 4."""
     run, save_tensors = tmp_path / "run", trainer._save_tensors
@@ -731,7 +718,7 @@ def test_failed_checkpoint_write_cleans_up(reference, tmp_path, model2, chat, mo
         return save_tensors(path, tensors)
 
     monkeypatch.setattr(trainer, "_save_tensors", denied_at_step_8)
-    rc, err = cli(capsys, *train_args(model2, chat, run))
+    rc, err = cli(capsys, *train_args(model2, chat_data, run))
     line = error_line(err)
     assert rc == 4 and "Permission denied" in line and str(run / "checkpoints" / "step-0000006") in line, line
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest.json", "step-0000004", "step-0000006"]
@@ -762,11 +749,11 @@ def _fault(monkeypatch, faults: dict[int, str]):
 
 
 @pytest.mark.parametrize("kind, step, last", [("loss", 5, "step-0000004"), ("grad", 1, None)])
-def test_nonfinite_stops_with_step_and_checkpoint(kind, step, last, reference, tmp_path, model2, chat,
+def test_nonfinite_stops_with_step_and_checkpoint(kind, step, last, reference, tmp_path, model2, chat_data,
                                                   monkeypatch, capsys):
     run = tmp_path / "run"
     run_step = _fault(monkeypatch, {step: kind})
-    rc, err = cli(capsys, *train_args(model2, chat, run))
+    rc, err = cli(capsys, *train_args(model2, chat_data, run))
     line = error_line(err)
     assert rc == 3
     what = "loss" if kind == "loss" else "gradient"
@@ -782,10 +769,10 @@ def test_nonfinite_stops_with_step_and_checkpoint(kind, step, last, reference, t
     assert_same_run(reference, run)
 
 
-def test_skip_nonfinite_counts_and_finishes(tmp_path, model2, chat, monkeypatch, capsys):
+def test_skip_nonfinite_counts_and_finishes(tmp_path, model2, chat_data, monkeypatch, capsys):
     run = tmp_path / "run"
     _fault(monkeypatch, {3: "grad", 6: "loss"})
-    rc, err = cli(capsys, *train_args(model2, chat, run, "--skip-nonfinite"))
+    rc, err = cli(capsys, *train_args(model2, chat_data, run, "--skip-nonfinite"))
     assert rc == 0, err
     assert "skipped 2 step(s) with a non-finite loss or gradient" in err
     lines = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]

@@ -72,6 +72,24 @@ print("ok")
     assert run_py(code).stdout.strip() == "ok"
 
 
+def test_out_of_memory_is_a_runtime_error():
+    """As with torch's allocator: a RuntimeError that says so, and the process goes on."""
+    code = """
+import resource, torch
+from lcsb import runtime
+assert runtime.install_allocator()
+vm = int(next(l for l in open("/proc/self/status") if l.startswith("VmSize")).split()[1]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + (512 << 20), resource.RLIM_INFINITY))
+try:
+    torch.empty(1 << 29)                       # 2 GB
+except RuntimeError as e:
+    print(str(e).splitlines()[0])
+print(float(torch.ones(1 << 18).sum()))
+"""
+    out = run_py(code).stdout.splitlines()
+    assert out == ["lcsb CPU allocator: not enough memory: you tried to allocate 2147483648 bytes.", "262144.0"]
+
+
 def test_training_is_unchanged_and_reuses_blocks(tmp_path):
     """`lcsb train` with the allocator (every tensor of 4 KB or more through it) gives the same losses
     and adapter as with torch's allocator, and most large allocations reuse a block."""

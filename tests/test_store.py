@@ -33,15 +33,6 @@ TOKENIZER = {"tokenizer.json": '{"version": "1.0", "model": {"type": "BPE"}}',
              "chat_template.jinja": "{% for m in messages %}{{ m['content'] }}{% endfor %}"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny tensors: a second intra-op thread only adds synchronisation (and stalls on a busy machine)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     """One tiny transformers checkpoint per family, with tokenizer files beside it."""

@@ -73,33 +73,6 @@ print(json.dumps([os.waitpid(pid, 0)[1] for pid in pids]), flush=True)
 """
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # the model is tiny: a second thread only adds synchronisation, which costs seconds on a busy machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tiny_model(tmp_path_factory) -> Path:
-    """The 4-layer tiny model, built once per session (test_export.py uses the same folder)."""
-    folder = tmp_path_factory.getbasetemp() / "tiny-llama-4"
-    if not (folder / "config.json").exists():
-        tiny.make_model(folder, layers=4)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_model(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def chat_dir(tmp_path_factory):
-    return tiny.make_chat_data(tmp_path_factory.mktemp("chat"))
-
-
 def run(*argv) -> int:
     try:
         return main([str(a) for a in argv])
@@ -140,10 +113,10 @@ def wait_for_step(log: Path, step: int, pid: int, timeout: float = 300) -> None:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, model_dir, chat_dir):
+def runs(tmp_path_factory, tiny4, chat_data):
     """Per case: the uninterrupted run and the run killed with SIGKILL after its stop step."""
     root = tmp_path_factory.mktemp("resume")
-    common = ["--model", model_dir, "--data", chat_dir, *COMMON]
+    common = ["--model", tiny4, "--data", chat_data, *COMMON]
     cases = [[stop * GRAD_ACCUM + 1, str(root / f"{name}.stderr"),
               [str(a) for a in ["train", *common, *flags, "--out", root / f"{name}-killed"]]]
              for name, (flags, stop) in CASES.items()]
@@ -242,13 +215,13 @@ def test_resume_after_sigkill_then_sigterm(runs, monkeypatch, capsys):
     assert_same_run(ref, killed)
 
 
-def test_log_config_and_plot(model_dir, chat_dir, tmp_path, capsys):
+def test_log_config_and_plot(tiny4, chat_data, tmp_path, capsys):
     """YAML values with flags on top, the sources line, config.yaml, the log's lines, the schedule, loss.png."""
     from transformers import get_cosine_schedule_with_warmup
 
     conf = tmp_path / "run.yaml"
     conf.write_text(yaml.safe_dump({
-        "model": str(model_dir), "data": str(chat_dir), "method": "full", "steps": 6, "lr": 0.005, "rank": 4,
+        "model": str(tiny4), "data": str(chat_data), "method": "full", "steps": 6, "lr": 0.005, "rank": 4,
         "alpha": 8, "schedule": "cosine", "warmup": 2, "eval_every": 3, "targets": ["q_proj", "v_proj"],
         "batch_size": 2, "eval_batches": 2}))
     out = tmp_path / "run"
@@ -262,7 +235,7 @@ def test_log_config_and_plot(model_dir, chat_dir, tmp_path, capsys):
 
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["lr"] == 0.02 and saved["steps"] == 8 and saved["rank"] == 4 and saved["warmup"] == 2
-    assert saved["targets"] == ["q_proj", "v_proj"] and saved["model"] == str(model_dir)
+    assert saved["targets"] == ["q_proj", "v_proj"] and saved["model"] == str(tiny4)
     assert saved["active"] == 1 and saved["max_seq_len"] == 256        # resolved: n // 4, the model's context
 
     steps, evals = read_log(out)
@@ -313,11 +286,11 @@ def test_inactive_default_follows_the_method(tmp_path, method, policy):
 
 
 @pytest.mark.parametrize("method", ["full", "lcsb"])
-def test_loss_curve_goes_down(model_dir, chat_dir, tmp_path, method):
+def test_loss_curve_goes_down(tiny4, chat_data, tmp_path, method):
     """A loss-curve regression test (as torchtune's): the chat task's masked eval loss falls in 40 steps."""
-    base = evaluate_data(model_dir, chat_dir / "valid.jsonl", batch_size=4)
+    base = evaluate_data(tiny4, chat_data / "valid.jsonl", batch_size=4)
     res = trainer.train(trainer.TrainConfig(
-        model=str(model_dir), data=str(chat_dir), out=str(tmp_path / "run"), method=method, groups=2, steps=40,
+        model=str(tiny4), data=str(chat_data), out=str(tmp_path / "run"), method=method, groups=2, steps=40,
         lr=1e-2, rank=4, alpha=8, batch_size=4, targets=["q_proj", "v_proj", "down_proj"], save_every=0,
         eval_every=20), quiet=True)
     _, evals = read_log(res.run)
@@ -329,14 +302,14 @@ def test_loss_curve_goes_down(model_dir, chat_dir, tmp_path, method):
     assert res.eval["accuracy"] > 0.6 > base["accuracy"]
 
 
-def test_bad_data_stops_before_training(model_dir, tmp_path, capsys):
+def test_bad_data_stops_before_training(tiny4, tmp_path, capsys):
     data = tmp_path / "data"
     tiny.make_chat_data(data)
     lines = (data / "train.jsonl").read_text().splitlines()
     lines[2] = '{"messages": [{"role": "user", "content": "hi"}'        # line 3: the closing ]} are missing
     (data / "train.jsonl").write_text("\n".join(lines) + "\n")
     out = tmp_path / "run"
-    assert run("train", "--model", model_dir, "--data", data, "--out", out, "--steps", 2) == 2
+    assert run("train", "--model", tiny4, "--data", data, "--out", out, "--steps", 2) == 2
     err = capsys.readouterr().err.strip().splitlines()
     errors = [l for l in err if not l.startswith("config: ")]   # the sources line comes first
     assert len(errors) == 1 and errors[0].startswith("lcsb: error: ")

@@ -19,13 +19,13 @@
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 
+#include <pthread.h>
 #include <sys/mman.h>
 
 #include <cstdint>
 #include <iterator>
 #include <map>
 #include <mutex>
-#include <new>
 #include <unordered_map>
 
 namespace {
@@ -70,7 +70,8 @@ struct Pool {
       cached.clear();
       cached_bytes = 0;
       p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-      if (p == MAP_FAILED) throw std::bad_alloc();
+      // the message torch's own allocator gives (a RuntimeError in Python)
+      TORCH_CHECK(p != MAP_FAILED, "lcsb CPU allocator: not enough memory: you tried to allocate ", n, " bytes.");
     }
     std::lock_guard<std::mutex> g(mu);
     live.emplace(p, size);
@@ -117,6 +118,10 @@ Pool* pool() {
   return p;
 }
 
+// fork() while another thread holds the lock would leave the child's copy locked forever
+void before_fork() { pool()->mu.lock(); }
+void after_fork() { pool()->mu.unlock(); }
+
 void deleter(void* p) {
   if (p != nullptr && !pool()->put(p)) c10::free_cpu(p);
 }
@@ -146,6 +151,7 @@ int lcsb_alloc_install(size_t small, size_t limit) {
     p->limit = limit;
   }
   if (a == nullptr) {
+    pthread_atfork(&before_fork, &after_fork, &after_fork);
     a = new CachingAllocator();
     c10::SetCPUAllocator(a, /*priority=*/10);
   }
