@@ -217,7 +217,7 @@ def build_wordnet_tasks(synsets, rng) -> tuple[dict[str, list[dict]], dict[str, 
         for label in POS_LABELS:   # balanced: a quarter per label
             pool = [s for s in sorted(cls_pool[split, label], key=lambda s: s.key) if s.key not in heldout]
             for s in _sample(pool, SIZES[split] // len(POS_LABELS), rng):
-                records.append({"prompt": f"Gloss: {s.definition}\nPart of speech:", "completion": f" {label}"})
+                records.append({"prompt": f"Gloss: {s.definition}\nPart of speech:", "completion": label})
                 if split != "train":
                     heldout.add(s.key)
         rng.shuffle(records)
@@ -247,7 +247,7 @@ def main() -> None:
     chat, classify, heldout = build_wordnet_tasks(synsets, random.Random(args.seed + 1))
     write_task(args.out / "chat", chat)
     write_task(args.out / "classify", classify)
-    (args.out / "classify" / "labels.json").write_text(json.dumps([f" {l}" for l in POS_LABELS]) + "\n")
+    (args.out / "classify" / "labels.json").write_text(json.dumps(POS_LABELS) + "\n")
     heldout = sorted(heldout)
     (args.out / "heldout_synsets.txt").write_text("\n".join(heldout) + "\n")
     print(f"{len(heldout)} WordNet synsets held out of pretraining -> {args.out / 'heldout_synsets.txt'}")
