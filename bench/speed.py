@@ -60,6 +60,9 @@ CONFIGS = [  # (name, kind, method, weights)
     ("lcsb K=4 fp32", "lcsb", "lcsb:4", "fp32"),
     ("lcsb K=2 int4", "lcsb", "lcsb:2", "int4"),
     ("lcsb K=8 int4", "lcsb", "lcsb:8", "int4"),
+    # one matrix decompressed at a time (a few MB of rows): the workspace shrinks from a block to 4 MB
+    ("lcsb full int4, decompress linear", "lcsb", "full@decompress=linear", "int4"),
+    ("lcsb K=4 int4, decompress linear", "lcsb", "lcsb:4@decompress=linear", "int4"),
     # the least-memory engine settings: one matrix decompressed at a time, block checkpoints on disk
     ("lcsb full int4, least memory", "lcsb", "full@decompress=linear@activations=disk", "int4"),
     ("lcsb K=4 int4, least memory", "lcsb", "lcsb:4@decompress=linear@activations=disk", "int4"),
