@@ -232,7 +232,7 @@ def write_task(folder: Path, splits: dict[str, list[dict]]) -> None:
             for r in records:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
     size = sum((folder / f"{s}.jsonl").stat().st_size for s in splits)
-    print(f"{folder.relative_to(ROOT)}: " + ", ".join(f"{s} {len(r)}" for s, r in splits.items())
+    print(f"{folder}: " + ", ".join(f"{s} {len(r)}" for s, r in splits.items())
           + f"  ({size / 1024:.0f} KiB)")
 
 
