@@ -1,7 +1,7 @@
 """Speed and memory of lcsb against transformers + PEFT, side by side, and against the machine's limit.
 
     python bench/speed.py            # the reference workload: Qwen2.5-0.5B shape, seq 256, batch 1
-    python bench/speed.py --quick    # 2 layers, seq 64: under two minutes
+    python bench/speed.py --quick    # 4 layers, seq 64, transformers+PEFT and lcsb full / K=4 int4: < 2 min
     lcsb bench speed ...             # the same
 
 Every configuration runs in its own process, one after the other in this one session, on the same
@@ -69,20 +69,28 @@ CONFIGS = [  # (name, kind, method, weights)
 ]
 
 
+# --quick: transformers+PEFT both ways, lcsb full and K=4 at int4 (each also with --decompress linear
+# and least memory); name substrings, as --only
+QUICK = ["transformers+peft fp32", "lcsb full int4", "lcsb K=4 int4"]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per configuration (median reported)")
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--quick", action="store_true", help="2 layers, seq 64, 2 steps: under two minutes")
+    ap.add_argument("--quick", action="store_true",
+                    help="4 layers, seq 64, 2 steps; transformers+PEFT and lcsb full and K=4 at int4 "
+                         "(1 min 45 s on this 2-core machine, models included)")
     ap.add_argument("--only", nargs="+", help="run only configurations whose name contains one of these")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--workdir", default="/tmp/lcsb-bench")
     ap.add_argument("--out", default=str(HERE / "results" / "speed.json"))
     args = ap.parse_args(argv)
     if args.quick:
-        args.layers, args.seq, args.steps = 2, 64, 2
+        args.layers, args.seq, args.steps = 4, 64, 2
+        args.only = args.only or QUICK
     import workload
 
     models = ensure_models(Path(args.workdir), args.layers)
