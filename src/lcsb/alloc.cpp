@@ -36,7 +36,7 @@ struct Pool {
   std::mutex mu;
   std::unordered_map<void*, size_t> live;   // large blocks handed out -> mapped size
   std::multimap<size_t, void*> cached;      // freed large blocks by mapped size
-  size_t small = 64 << 10, limit = 256u << 20;
+  size_t small = 64 << 10, limit = 64u << 20;   // lcsb_alloc_install sets both
   size_t in_use = 0, held = 0, cached_bytes = 0, peak_held = 0;
   uint64_t maps = 0, hits = 0, unmaps = 0;
 

@@ -31,6 +31,10 @@ Checkpoints on disk (activations="disk") are written to an unlinked scratch file
 each one's pages leave the resident set as soon as it is written (the page cache holds them, and
 can write them out under pressure) and come back when the backward reads them.
 
+With lcsb's caching allocator installed (runtime.py), the step empties its cache at the end of
+the forward, the head and the backward, and sizes it for one block's temporaries: the blocks one
+block frees serve the next one, and no phase's leftovers stay resident in the next.
+
 With every block `train` the gradients are exactly those of plain autograd on the same
 (dequantized) model; the loss is the same in every mode because the forward never changes.
 """
@@ -217,7 +221,8 @@ def run_step(model: CausalLM, input_ids: torch.Tensor, labels: torch.Tensor, rol
 
     # the caching allocator keeps what one block's temporaries need (a few [tokens x intermediate]
     # tensors; 32 MB was too little on Qwen2.5-0.5B, 64 MB enough), so block after block reuses them
-    limit_cache(max(64 << 20, 8 * B * S * max(model.config.intermediate_size, model.config.hidden_size) * 4))
+    widest = max(model.config.intermediate_size, model.config.hidden_size)
+    limit_cache(max(64 << 20, 8 * B * S * widest * model.dtype.itemsize))
     t0 = time.perf_counter()
     ckpt = _Checkpoints(activations, len(visit) if recompute else 0, (B, S, model.config.hidden_size), model.dtype)
     rng_states, graphs = {}, {}
