@@ -26,10 +26,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def tiny4(tmp_path_factory) -> Path:
     """The 4-layer tiny Llama with its tokenizer (tests/tiny.py), built once per session."""
-    folder = tmp_path_factory.getbasetemp() / "tiny-llama-4"
-    if not (folder / "config.json").exists():
-        tiny.make_model(folder, layers=4)
-    return folder
+    return tiny.shared_model(tmp_path_factory.getbasetemp(), 4)
 
 
 @pytest.fixture(scope="session")

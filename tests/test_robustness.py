@@ -68,20 +68,9 @@ SETTINGS = ["--steps", STEPS, "--save-every", SAVE_EVERY, "--groups", 2, "--drop
             "--eval-batches", 2, "--log-every", 100]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def model2(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.getbasetemp() / "tiny-llama-2"
-    if not (folder / "config.json").exists():
-        tiny.make_model(folder, layers=2)
-    return folder
+    return tiny.shared_model(tmp_path_factory.getbasetemp(), 2)
 
 
 def cli(capsys, *argv) -> tuple[int, str]:

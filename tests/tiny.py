@@ -45,6 +45,14 @@ def make_model(folder: Path, family: str = "llama", layers: int = 4, seed: int =
     return folder
 
 
+def shared_model(base: Path, layers: int) -> Path:
+    """make_model's `layers`-deep Llama in `base`/tiny-llama-<layers>, built once per test session."""
+    folder = Path(base) / f"tiny-llama-{layers}"
+    if not (folder / "config.json").exists():
+        make_model(folder, layers=layers)
+    return folder
+
+
 def write_jsonl(path: Path, records) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
