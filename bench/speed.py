@@ -4,8 +4,9 @@
     python bench/speed.py --quick    # 4 layers, seq 64, transformers+PEFT and lcsb full / K=4 int4: < 2 min
     lcsb bench speed ...             # the same
 
-Every configuration runs in its own process, one after the other in this one session, on the same
-random checkpoint and the same tokens (LoRA rank 16 on all seven projections, AdamW, batch 1):
+Every configuration runs in its own process; all are loaded side by side and stepped in turn
+(step 1 of each, then step 2 of each, ...), so a slow minute of a shared machine falls on all of
+them alike. They run on the same random checkpoint and the same tokens (LoRA rank 16 on all seven projections, AdamW, batch 1):
 transformers + PEFT fp32 without and with gradient checkpointing; lcsb full and lcsb K=4 at int4,
 int8 and fp32 base weights; lcsb K=2 and K=8 at int4. For each: median step time after a warm-up,
 tokens/s, peak RSS, and ratios to transformers + PEFT fp32; for lcsb, the step's matmul FLOPs and
@@ -96,21 +97,35 @@ def main(argv=None):
     models = ensure_models(Path(args.workdir), args.layers)
     shape = json.loads((models["fp32"] / "config.json").read_text())
     rates = workload.in_subprocess("machine_rates", threads=args.threads)
-    rows = []
+    # every configuration loaded side by side and stepped in turn (workload.Interleaved): the ratios
+    # are between steps taken within the same minutes of this shared machine
+    runs = workload.Interleaved()
+    chosen = []
     for name, kind, method, weights in CONFIGS:
         if args.only and not any(o in name for o in args.only):
             continue
         plain = workload.split_spec(method)[0] if kind == "lcsb" else ""
         if ":" in plain and int(plain.split(":")[1]) > args.layers:
             continue      # more groups than layers (--quick)
+        print(f"loading {name} ...", file=sys.stderr, flush=True)
         if kind == "hf":
-            r = workload.in_subprocess("run_hf", model_dir=str(models["fp32"]), seq=args.seq, steps=args.steps,
-                                       warmup=args.warmup, checkpointing=method, threads=args.threads)
+            runs.add(name, "prepare_hf", model_dir=str(models["fp32"]), seq=args.seq, checkpointing=method,
+                     threads=args.threads)
         else:
-            r = workload.in_subprocess("run_config", method=method, layers=args.layers, seq=args.seq,
-                                       steps=args.steps, warmup=args.warmup,
-                                       quant="stored" if weights != "fp32" else None,
-                                       model_dir=str(models[weights]), threads=args.threads)
+            runs.add(name, "prepare_config", method=method, layers=args.layers, seq=args.seq,
+                     quant="stored" if weights != "fp32" else None, model_dir=str(models[weights]),
+                     threads=args.threads)
+        chosen.append((name, kind, plain, weights))
+
+    def progress(name, r, t):
+        tag = "warm-up" if r < args.warmup else f"step {r - args.warmup + 1}/{args.steps}"
+        print(f"  {tag} {name}: {t['total']:.2f} s", file=sys.stderr, flush=True)
+
+    results = runs.run(args.warmup, args.steps, progress)
+    rows = []
+    for name, kind, plain, weights in chosen:
+        r = results[name]
+        if kind == "lcsb":
             sel = workload.parse_method(plain).validate(args.layers)
             # lcsb's median is over its cycle's steps; the floor is averaged the same way
             costs = [workload.step_cost(shape, sel.roles(t, args.layers), args.seq, 16,
@@ -122,7 +137,6 @@ def main(argv=None):
             r.update(flops=flops, decompress_bytes=dq, floor_s=floor, over_floor=r["step_time"] / floor)
         r["name"] = name
         rows.append(r)
-        _write(args, rates, rows)          # after every configuration: a long run interrupted keeps what it measured
         print(f"{name:>30}: {r['step_time']:6.2f} s/step  peak {r['peak_rss_mb']:5.0f} MB", file=sys.stderr, flush=True)
 
     base = next((r for r in rows if r["name"] == "transformers+peft fp32"), None)

@@ -9,12 +9,15 @@ configuration, so peak RSS is that configuration's own).
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import date
+from pathlib import Path
 
 import torch
 
@@ -96,12 +99,14 @@ def split_spec(spec: str) -> tuple[str, dict]:
     return method, kw
 
 
-def run_config(method: str, layers: int, seq: int, steps: int, warmup: int, quant: str | None, rank: int = 16,
-               threads: int | None = None, activations: str = "ram", recompute: bool = True,
-               model_dir: str | None = None, decompress: str = "block") -> dict:
-    """Time `steps` training steps (after `warmup`) of one configuration. With model_dir the model is
-    loaded from that folder (a converted folder is memory-mapped, as users run it); otherwise it is
-    built in memory with `build`. `method` may carry options: 'lcsb:4@recompute=off' (split_spec)."""
+def prepare_config(method: str, layers: int, seq: int, quant: str | None, rank: int = 16,
+                   threads: int | None = None, activations: str = "ram", recompute: bool = True,
+                   model_dir: str | None = None, decompress: str = "block"):
+    """Load one lcsb configuration; return (step, summary): step() runs one training step and returns
+    its timings, summary(rows) the configuration's numbers over the timed steps' rows. With model_dir
+    the model is loaded from that folder (a converted folder is memory-mapped, as users run it);
+    otherwise it is built in memory with `build`. `method` may carry options: 'lcsb:4@recompute=off'
+    (split_spec)."""
     spec = method
     method, opts = split_spec(method)
     recompute = opts.get("recompute", recompute)
@@ -123,23 +128,37 @@ def run_config(method: str, layers: int, seq: int, steps: int, warmup: int, quan
     opt = BlockOptimizer([block_lora_params(b) for b in model.model.layers], lr=1e-4)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, model.config.vocab_size, (1, seq), generator=g)
-    rows = []
-    for step in range(warmup + steps):
-        roles = sel.roles(step, layers)
+    state = dict(step=0, loss=float("nan"))
+
+    def step() -> dict:
+        roles = sel.roles(state["step"], layers)
+        state["step"] += 1
         t0 = time.perf_counter()
         res = run_step(model, ids, ids, roles, activations, recompute=recompute, decompress=decompress)
         t1 = time.perf_counter()
         opt.step({i for i, r in enumerate(roles) if r == "train"})
         opt.zero_grad()
         t2 = time.perf_counter()
-        if step >= warmup:
-            rows.append(dict(total=t2 - t0, optimizer=t2 - t1, **res.timings))
-    med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-    return dict(method=spec, quant=getattr(model, "quant", None) or "fp32", layers=layers, seq=seq, steps=steps,
-                rank=rank, recompute=recompute, decompress=decompress, activations=activations,
-                step_time=med["total"], breakdown={k: v for k, v in med.items() if k != "total"},
-                tokens_per_s=seq / med["total"], peak_rss_mb=peak_rss_mb(), rss_after_load_mb=built_rss,
-                **proc_status(), loss=res.loss)
+        state["loss"] = res.loss
+        return dict(total=t2 - t0, optimizer=t2 - t1, **res.timings)
+
+    def summary(rows: list[dict]) -> dict:
+        med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+        return dict(method=spec, quant=getattr(model, "quant", None) or "fp32", layers=layers, seq=seq,
+                    steps=len(rows), rank=rank, recompute=recompute, decompress=decompress,
+                    activations=activations, step_time=med["total"],
+                    breakdown={k: v for k, v in med.items() if k != "total"}, tokens_per_s=seq / med["total"],
+                    peak_rss_mb=peak_rss_mb(), rss_after_load_mb=built_rss, **proc_status(), loss=state["loss"])
+
+    return step, summary
+
+
+def run_config(method: str, layers: int, seq: int, steps: int, warmup: int, quant: str | None, **kw) -> dict:
+    """Time `steps` training steps (after `warmup`) of one configuration in this process
+    (prepare_config's arguments)."""
+    step, summary = prepare_config(method, layers, seq, quant, **kw)
+    rows = [step() for _ in range(warmup + steps)]
+    return summary(rows[warmup:])
 
 
 def proc_status() -> dict:
@@ -181,7 +200,6 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    import os
     return dict(cpu=cpu, cores=os.cpu_count(), torch=torch.__version__, python=platform.python_version(),
                 date=str(date.today()), threads=torch.get_num_threads())
 
@@ -194,10 +212,10 @@ def import_baseline() -> dict:
 # ------------------------------------------------------------------ transformers + PEFT, the baseline
 
 
-def run_hf(model_dir: str, seq: int, steps: int, warmup: int, checkpointing: bool, rank: int = 16,
-           threads: int | None = None) -> dict:
+def prepare_hf(model_dir: str, seq: int, checkpointing: bool, rank: int = 16, threads: int | None = None):
     """What a user would run instead: transformers + PEFT in fp32, LoRA on all seven projections,
-    torch AdamW, on the same checkpoint and tokens as the lcsb configurations."""
+    torch AdamW, on the same checkpoint and tokens as the lcsb configurations. Returns (step,
+    summary) as prepare_config."""
     import peft
     import transformers
 
@@ -214,19 +232,111 @@ def run_hf(model_dir: str, seq: int, steps: int, warmup: int, checkpointing: boo
     loaded = peak_rss_mb()
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, model.config.vocab_size, (1, seq), generator=g)
-    times = []
-    for step in range(warmup + steps):
+    state = dict(loss=float("nan"))
+
+    def step() -> dict:
         t0 = time.perf_counter()
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if step >= warmup:
-            times.append(time.perf_counter() - t0)
-    med = statistics.median(times)
-    return dict(method="transformers+peft" + (" +ckpt" if checkpointing else ""), quant="fp32", seq=seq,
-                steps=steps, rank=rank, step_time=med, tokens_per_s=seq / med, peak_rss_mb=peak_rss_mb(),
-                rss_after_load_mb=loaded, **proc_status(), loss=float(loss))
+        state["loss"] = float(loss)
+        return dict(total=time.perf_counter() - t0)
+
+    def summary(rows: list[dict]) -> dict:
+        med = statistics.median(r["total"] for r in rows)
+        return dict(method="transformers+peft" + (" +ckpt" if checkpointing else ""), quant="fp32", seq=seq,
+                    steps=len(rows), rank=rank, step_time=med, tokens_per_s=seq / med, peak_rss_mb=peak_rss_mb(),
+                    rss_after_load_mb=loaded, **proc_status(), loss=state["loss"])
+
+    return step, summary
+
+
+def run_hf(model_dir: str, seq: int, steps: int, warmup: int, checkpointing: bool, **kw) -> dict:
+    step, summary = prepare_hf(model_dir, seq, checkpointing, **kw)
+    rows = [step() for _ in range(warmup + steps)]
+    return summary(rows[warmup:])
+
+
+# ------------------------------------------------------------------ interleaved: configurations side by side
+
+
+def serve(func: str, kw: dict) -> None:
+    """A child of `Interleaved`: prepare `func`(**kw), then answer stdin's commands on stdout, one JSON
+    line each: 'step' runs one step and answers its timings, 'summary N' the summary of the last N
+    steps, after which the child exits."""
+    step, summary = globals()[func](**kw)
+    rows = []
+    print("READY", flush=True)
+    for line in sys.stdin:
+        cmd, *arg = line.split()
+        if cmd == "step":
+            rows.append(step())
+            print("RESULT" + json.dumps(rows[-1]), flush=True)
+        elif cmd == "summary":
+            print("RESULT" + json.dumps(summary(rows[-int(arg[0]):])), flush=True)
+            return
+
+
+class Interleaved:
+    """Configurations loaded side by side, one process each, stepped in turn: step 1 of every
+    configuration, then step 2 of every one, and so on, the order rotating each round. A slow minute
+    of this shared machine then falls on every configuration alike instead of on whichever ran then,
+    so the ratios between them hold much better than with one configuration after another. Each
+    process's peak RSS is still its own. `add(name, func, **kw)` starts a child running
+    serve(func, kw); `run(warmup, steps)` returns {name: summary}."""
+
+    def __init__(self):
+        self.children: dict[str, subprocess.Popen] = {}
+
+    def add(self, name: str, func: str, env: dict | None = None, **kw) -> None:
+        """env: extra environment variables of the child (PYTHONPATH=<another checkout>/src times
+        that code side by side with this one: a before/after measurement)."""
+        code = "import json, sys; sys.path.insert(0, 'bench'); import workload; " \
+               "workload.serve(sys.argv[1], json.loads(sys.argv[2]))"
+        err = tempfile.TemporaryFile("w+")      # a file, not a pipe: a chatty child never blocks on it
+        p = subprocess.Popen([sys.executable, "-c", code, func, json.dumps(kw)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=err, text=True, env={**os.environ, **(env or {})},
+                             cwd=str(Path(__file__).resolve().parent.parent))
+        p.err = err
+        self.children[name] = p
+        self._reply(name, "READY")          # loaded one after another: no two loads overlap
+
+    def _reply(self, name: str, tag: str = "RESULT"):
+        p = self.children[name]
+        for line in p.stdout:
+            if line.startswith(tag):
+                return json.loads(line[len(tag):]) if tag == "RESULT" else None
+        p.wait()
+        p.err.seek(0)
+        msg = p.err.read()[-3000:]
+        self.close()
+        raise RuntimeError(f"{name} failed (exit {p.returncode}):\n{msg}")
+
+    def _ask(self, name: str, cmd: str):
+        self.children[name].stdin.write(cmd + "\n")
+        self.children[name].stdin.flush()
+        return self._reply(name)
+
+    def run(self, warmup: int, steps: int, progress=None) -> dict[str, dict]:
+        names = list(self.children)
+        for r in range(warmup + steps):
+            k = r % len(names)
+            for name in names[k:] + names[:k]:
+                t = self._ask(name, "step")
+                if progress:
+                    progress(name, r, t)
+        out = {name: self._ask(name, f"summary {steps}") for name in names}
+        self.close()
+        return out
+
+    def close(self) -> None:
+        for p in self.children.values():
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+            p.err.close()
+        self.children = {}
 
 
 # ------------------------------------------------------------------ the machine's limit
