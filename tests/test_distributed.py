@@ -120,7 +120,8 @@ def assert_same_adapter(a: Path, b: Path, exact: bool = False):
         if exact:
             assert torch.equal(ta[k], tb[k]), k
         else:   # fp32 rounding of batched vs separate sequences, which AdamW's normalisation can magnify
-            torch.testing.assert_close(ta[k], tb[k], rtol=1e-5, atol=1e-5, msg=lambda m: f"{k}: {m}")
+            # (1.09e-5 on one element of 256 at worst; an averaging bug would be off by the gradient's size)
+            torch.testing.assert_close(ta[k], tb[k], rtol=1e-5, atol=3e-5, msg=lambda m: f"{k}: {m}")
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 import hf
 import lcsb
 from lcsb.engine import executor
+from lcsb.model import core
 from lcsb.model.core import Embedding, Linear
 from lcsb.quant import formats
 
@@ -38,7 +39,9 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 N = 4                  # decoder layers of the tiny models: enough for role patterns
 B, S = 2, 12           # batch and sequence (S > gemma3's sliding window of 5 in tests/hf.py)
 GROUP = 32             # int4 / nf4 group: divides every input width (64, 96) of the tiny models
-TOL = 1e-5
+# fp32: the MLP runs W x^T (core.MLP) where transformers runs x W^T, a different order of summation;
+# Gemma 3's scaled embeddings take the relative gradient error to 1.05e-5 at worst
+TOL = 2e-5
 TOL_QUANT = 1e-4
 
 # peft asks transformers a deprecated question; not ours to answer
@@ -335,6 +338,40 @@ def test_decompress_by_linear(zoo, family, roles, seed):
     assert ours.workspace.nbytes == 4 * max(largest, ours.config.vocab_size * ours.config.hidden_size)
 
 
+@pytest.mark.parametrize("decompress", ["block", "linear"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_vjp_skips_the_output_matmul(zoo, family, decompress, seed, monkeypatch):
+    """In a visited block's recompute, the last Linear of a Llama-style block (whose output only adds
+    into the block's output) computes no matmul, only its input gradient; Gemma 3 (a norm reads that
+    output) runs whole. The gradients are checked against PEFT by the tests above; here, against the
+    same step with the skip disabled, at every role pattern."""
+    ours = zoo.ours(family, "int4")
+    spec = getattr(type(ours.model.layers[0]), "OUTPUT_LINEAR", None)
+    assert (spec == "mlp.down_proj") == (family != "gemma3")
+    skipped = []
+    real = core._InputGradOnlyFn.forward
+
+    def spy(ctx, x, linear, transposed):
+        skipped.append(linear)
+        return real(ctx, x, linear, transposed)
+
+    monkeypatch.setattr(core._InputGradOnlyFn, "forward", staticmethod(spy))
+    ids, labels = batch(seed)
+    for roles in (["train"] * N, ["skip", "train", "through", "skip"]):
+        skipped.clear()
+        loss, grads = lcsb.lora_gradients(ours, ids, labels, roles, decompress=decompress)
+        visit = [i for i in range(roles.index("train"), N) if roles[i] != "skip"]
+        downs = [ours.model.layers[i].mlp.down_proj for i in visit[::-1]]
+        assert skipped == (downs if spec else [])
+        assert not any(m.output_unused for m in ours.modules() if isinstance(m, Linear))
+        with monkeypatch.context() as m:
+            m.setattr(type(ours.model.layers[0]), "OUTPUT_LINEAR", None, raising=False)
+            loss_ref, ref = lcsb.lora_gradients(ours, ids, labels, roles, decompress=decompress)
+        assert loss == loss_ref and set(grads) == set(ref)
+        for k in ref:
+            torch.testing.assert_close(grads[k], ref[k], rtol=1e-5, atol=1e-8)
+
+
 @pytest.mark.parametrize("fmt", ["int4", "nf4", "int8", "dense"])
 def test_streamed_linear_by_row_chunks(fmt, seed, monkeypatch):
     """A matrix decompressed 64 rows at a time gives x W^T and x W as the whole matrix does, through a
@@ -481,7 +518,7 @@ def test_head_chunks_and_softcap(zoo, family, softcap, seed, monkeypatch):
     if softcap is not None:
         # the cap matters (same weights without it): its gradients differ by far more than TOL
         _, plain = peft_oracle(zoo.setup(family)[2], ids, labels, skip)
-        assert max(rel(plain[k], ref[k]) for k in grads) > 100 * TOL
+        assert max(rel(plain[k], ref[k]) for k in grads) > 1e-3
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])

@@ -119,7 +119,8 @@ def test_block_activations_are_what_autograd_saves(tiny4):
     seen = {}
 
     def pack(t):
-        if t.shape and t.shape[0] in (B, B * S):   # activations ([B, ...] or flattened [B * S, ...]), not weights
+        # activations ([B, ...], flattened [B * S, ...], or transposed [..., B * S] in the MLP), not weights
+        if t.shape and (t.shape[0] in (B, B * S) or t.shape[-1] == B * S):
             seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 

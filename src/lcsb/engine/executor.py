@@ -53,7 +53,7 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from ..runtime import limit_cache, release_cached
-from ..model.core import ROW_CHUNK_BYTES, CausalLM, Linear, materialized
+from ..model.core import ROW_CHUNK_BYTES, CausalLM, Linear, materialized, output_unused
 
 ROLES = ("train", "through", "skip")
 VOCAB_CHUNK = 4096            # LM-head rows per chunk: 15 MB of float32 at hidden 896, under one MLP matrix
@@ -138,26 +138,29 @@ def head_loss_and_grad(model: CausalLM, hn: torch.Tensor, targets: torch.Tensor,
     V = W.shape[0]
     cap = model.config.final_softcap
     T = hn.shape[0]
+    # tokens along columns: W_j hn^T runs 15-30% faster than hn W_j^T on CPU BLAS at these shapes
+    # (core.Linear.forward_t); 1.69 -> 1.45 s for Qwen2.5-0.5B's head over 256 tokens on 2 cores
+    hnt = hn.t().contiguous()                                       # [H, T]
     m = torch.full((T,), float("-inf"), dtype=torch.float32)
     s = torch.zeros(T, dtype=torch.float32)
-    acc = torch.zeros_like(hn, dtype=torch.float32)
+    acc = torch.zeros(hn.shape[1], T, dtype=torch.float32)          # [H, T]
     with model.workspace.lease([(min(chunk, V), hn.shape[1])], hn.dtype, hn.device) as (buf,):
         for lo in range(0, V, chunk):
             hi = min(lo + chunk, V)
             Wj = W.row_block(lo, hi, hn.dtype, out=buf[:hi - lo])   # [c, H], decompressed once
-            z = (hn @ Wj.T).float()                                 # [T, c]
+            z = (Wj @ hnt).float()                                  # [c, T] logits of this chunk
             if cap is not None:
                 t = torch.tanh(z / cap)
                 z, dz = t * cap, 1 - t * t                          # capped logits and their slope
-            new_m = torch.maximum(m, z.amax(dim=1))
+            new_m = torch.maximum(m, z.amax(dim=0))
             rescale = torch.exp(m - new_m)
-            e = torch.exp(z - new_m[:, None])
+            e = torch.exp(z - new_m)
             if cap is not None:
                 e_w = e * dz
             else:
                 e_w = e
-            acc = acc * rescale[:, None] + (e_w.to(hn.dtype) @ Wj).float()
-            s = s * rescale + e.sum(dim=1)
+            acc = acc * rescale + (Wj.t() @ e_w.to(hn.dtype)).float()
+            s = s * rescale + e.sum(dim=0)
             m = new_m
             W.release()                                             # file-backed: drop this chunk's pages
     lse = m + torch.log(s)
@@ -169,7 +172,7 @@ def head_loss_and_grad(model: CausalLM, hn: torch.Tensor, targets: torch.Tensor,
         zt, dzt = tt * cap, 1 - tt * tt
         Wt = Wt * dzt[:, None].to(hn.dtype)
     loss_sum = (lse - zt).sum()
-    grad = acc / s[:, None] - Wt.float()
+    grad = (acc / s).t() - Wt.float()
     return loss_sum, grad.to(hn.dtype)
 
 
@@ -276,7 +279,8 @@ def run_step(model: CausalLM, input_ids: torch.Tensor, labels: torch.Tensor, rol
             x.requires_grad_(need_input_grad)
             fork = torch.random.fork_rng(devices=[]) if i in rng_states else contextlib.nullcontext()
             whole = materialized(block, model.dtype, workspace=ws) if by_block else contextlib.nullcontext()
-            with fork, whole, torch.enable_grad():
+            # only the VJP is wanted: the block's last matmul (its output's) is not recomputed
+            with fork, whole, output_unused(block), torch.enable_grad():
                 if i in rng_states:
                     torch.set_rng_state(rng_states[i])
                 out = block(x, ctx)

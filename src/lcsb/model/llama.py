@@ -13,6 +13,9 @@ def parse_config(raw: RawConfig) -> ModelConfig:
 
 
 class Block(nn.Module):
+    # the Linear whose output only adds into the block's output (core.output_unused)
+    OUTPUT_LINEAR = "mlp.down_proj"
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
