@@ -2,8 +2,9 @@
 
     python bench/methods.py                      # Qwen2.5-0.5B shape, seq 256, int4, rank 16, AdamW
     python bench/methods.py --layers 8 --seq 128  # smaller
-Each configuration runs in its own process (its peak RSS is its own), one after the other in this
-one session, so the ratios to `full` are measured side by side, on the memory-mapped folder that
+Each configuration runs in its own process (its peak RSS is its own); all are loaded side by side
+and stepped in turn (workload.Interleaved), so the ratios to `full` are measured within the same
+minutes of this shared machine, on the memory-mapped folder that
 `lcsb convert` makes of the random checkpoint (made once in --workdir, shared with bench/speed.py),
 as users run it. A method may carry engine options after @ ('lcsb:4@recompute=off').
 Writes bench/results/methods.json.
@@ -39,15 +40,16 @@ def main(argv=None):
 
     from speed import ensure_models
     model_dir = ensure_models(Path(args.workdir), args.layers)[args.quant]
-    rows = []
+    runs = workload.Interleaved()
     for m in args.methods:
-        steps = args.steps
-        # lcsb's cycle: time whole cycles so every group is in the median's sample
-        r = workload.in_subprocess("run_config", method=m, layers=args.layers, seq=args.seq, steps=steps,
-                                   warmup=args.warmup, quant="stored" if args.quant != "fp32" else None,
-                                   model_dir=str(model_dir), recompute=args.recompute == "on")
-        rows.append(r)
-        print(f"{m:>22}: {r['step_time']:.2f} s/step  peak {r['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
+        print(f"loading {m} ...", file=sys.stderr, flush=True)
+        runs.add(m, "prepare_config", method=m, layers=args.layers, seq=args.seq,
+                 quant="stored" if args.quant != "fp32" else None, model_dir=str(model_dir),
+                 recompute=args.recompute == "on")
+    results = runs.run(args.warmup, args.steps, lambda name, r, t: print(
+        f"  {'warm-up' if r < args.warmup else f'step {r - args.warmup + 1}/{args.steps}'} {name}: "
+        f"{t['total']:.2f} s", file=sys.stderr, flush=True))
+    rows = [results[m] for m in args.methods]
     full = next((r for r in rows if r["method"] == "full"), rows[0])
     for r in rows:
         r["ratio_to_full"] = r["step_time"] / full["step_time"]

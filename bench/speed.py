@@ -83,7 +83,7 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--quick", action="store_true",
                     help="4 layers, seq 64, 2 steps; transformers+PEFT and lcsb full and K=4 at int4 "
-                         "(1 min 45 s on this 2-core machine, models included)")
+                         "(1.5 min on this 2-core machine, models included)")
     ap.add_argument("--only", nargs="+", help="run only configurations whose name contains one of these")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--workdir", default="/tmp/lcsb-bench")

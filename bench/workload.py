@@ -368,9 +368,11 @@ def step_cost(cfg: dict, roles: list[str], seq: int, rank: int, quant: str | Non
     """Matmul FLOPs of one step and bytes of weights it decompresses, counted from the shape.
 
     Forward: every block's linears and attention, the LM head. Head backward: softmax @ W. Each
-    visited block: its recompute (when on) and its input-gradient VJP (one more linear pass);
-    `train` blocks also the LoRA weight gradients. Decompression: the block's compressed bytes read
-    and float bytes written, once per pass that decompresses it."""
+    visited block: its recompute (when on) without down_proj's output, which the VJP never reads
+    (core.output_unused), and its input-gradient VJP (one more linear pass, less the input
+    gradients of the lowest visited block's q/k/v/gate/up, which nothing needs); `train` blocks
+    also the LoRA weight gradients. Decompression: the block's compressed bytes read and float bytes
+    written, once per pass that decompresses it."""
     h, f, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     d = h // heads
@@ -383,8 +385,11 @@ def step_cost(cfg: dict, roles: list[str], seq: int, rank: int, quant: str | Non
     low = roles.index("train") if "train" in roles else len(roles)
     visited = [i for i, r in enumerate(roles) if i >= low and r != "skip"]
     flops = len(roles) * fwd_block + 2 * (2 * T * v * h)                      # forward + head (logits, grad)
+    reads_input = h * heads * d + 2 * h * kv * d + 2 * h * f                 # q, k, v, gate, up
     for i in visited:
-        flops += (fwd_block if recompute else 0) + 2 * T * lin + 2 * attn    # recompute, VJP to the input
+        flops += (fwd_block - 2 * T * h * f if recompute else 0) + 2 * T * lin + 2 * attn  # recompute, VJP
+        if i == low:
+            flops -= 2 * T * reads_input                                     # no gradient below `low`
         if roles[i] == "train":
             flops += 2 * 2 * T * lora                                        # LoRA A and B gradients
     passes = len(roles) + len(visited)
