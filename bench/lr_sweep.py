@@ -27,11 +27,13 @@ import math
 import os
 import platform
 import re
-import subprocess
 import sys
 import time
 from datetime import date
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from quality import one_thread_subprocess, run_jobs  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / "assets"
@@ -88,13 +90,7 @@ def _base(spec: dict) -> dict:
 
 
 def _in_subprocess(kind: str, spec: dict) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, __file__, f"--_{kind}", json.dumps(spec)], capture_output=True, text=True,
-                       env=env, cwd=REPO)
-    for line in reversed(p.stdout.splitlines()):
-        if line.startswith("RESULT"):
-            return json.loads(line[len("RESULT"):])
-    raise RuntimeError(f"{kind} {spec.get('name')} failed:\n{p.stderr[-3000:]}")
+    return one_thread_subprocess(__file__, kind, spec, f"{kind} {spec.get('name')}")
 
 
 def verdict(r: dict, base_eval: float) -> str:
@@ -184,12 +180,7 @@ def main(argv=None):
               f"{_f(r['final_train_loss'])}  eval {_f(r['final_eval_loss'])}", file=sys.stderr, flush=True)
         return r
 
-    if args.jobs == 1:
-        runs = [one(s) for s in specs]
-    else:
-        from concurrent.futures import ThreadPoolExecutor
-        with ThreadPoolExecutor(args.jobs) as ex:
-            runs = list(ex.map(one, specs))
+    runs = run_jobs(one, specs, args.jobs)
     results = dict(date=str(date.today()), task=args.task,
                    settings=dict(common, lrs=args.lrs, quants={q: QUANTS[q] for q in args.quants},
                                  methods={m: METHODS[m] for m in args.methods}, optimizer="adamw",

@@ -149,14 +149,28 @@ def _base(spec: dict) -> dict:
     return out
 
 
-def _in_subprocess(kind: str, spec: dict) -> dict:
+def one_thread_subprocess(script: str, kind: str, spec: dict, what: str) -> dict:
+    """`script --_<kind> <spec as JSON>` in a fresh interpreter with one BLAS thread; its RESULT line."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, __file__, f"--_{kind}", json.dumps(spec)], capture_output=True, text=True,
+    p = subprocess.run([sys.executable, script, f"--_{kind}", json.dumps(spec)], capture_output=True, text=True,
                        env=env, cwd=REPO)
     for line in reversed(p.stdout.splitlines()):
         if line.startswith("RESULT"):
             return json.loads(line[len("RESULT"):])
-    raise RuntimeError(f"{kind} {spec.get('name')} on {spec.get('task')} failed:\n{p.stderr[-3000:]}")
+    raise RuntimeError(f"{what} failed:\n{p.stderr[-3000:]}")
+
+
+def run_jobs(one, specs: list, jobs: int) -> list:
+    """one(spec) for every spec, `jobs` at a time (1: one after another, the fairest timing)."""
+    if jobs == 1:
+        return [one(s) for s in specs]
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(jobs) as ex:
+        return list(ex.map(one, specs))
+
+
+def _in_subprocess(kind: str, spec: dict) -> dict:
+    return one_thread_subprocess(__file__, kind, spec, f"{kind} {spec.get('name')} on {spec.get('task')}")
 
 
 # ---------------------------------------------------------------- analysis
@@ -342,12 +356,7 @@ def main(argv=None):
               f"wall / {r['train_cpu']:.1f} s CPU  (load {r['loadavg'][0]:.1f})", file=sys.stderr, flush=True)
         return r
 
-    if args.jobs == 1:
-        done = [one(s) for s in specs]
-    else:
-        from concurrent.futures import ThreadPoolExecutor
-        with ThreadPoolExecutor(args.jobs) as ex:
-            done = list(ex.map(one, specs))
+    done = run_jobs(one, specs, args.jobs)
     for spec, r in zip(specs, done):
         results["tasks"][spec["task"]]["methods"][spec["name"]] = r
     results["total_wall_s"] = time.perf_counter() - t_all

@@ -50,11 +50,20 @@ def check_types(cfg: TrainConfig):
 
 
 def check_ranges(cfg: TrainConfig):
-    """The ranges `trainer.check_options` does not already check."""
+    """Every numeric option in its range (after check_types), as one line naming the flag."""
     for name in ("lr", "alpha", "dropout", "weight_decay", "clip", "epochs", "momentum", "valid_fraction"):
         v = getattr(cfg, name)
         if not math.isfinite(v):
             raise UserError(f"{_flag(name)} must be a finite number, got {v!r}")
+    for name in ("batch_size", "grad_accum", "max_seq_len", "group_size", "steps", "epochs", "lr"):
+        v = getattr(cfg, name)
+        if v is not None and v <= 0:
+            raise UserError(f"{_flag(name)} must be positive, got {v}")
+    if not 0 <= cfg.valid_fraction < 1:
+        raise UserError(f"--valid-fraction must be in [0, 1), got {cfg.valid_fraction}")
+    for name in ("eval_every", "save_every", "warmup", "clip", "weight_decay"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"{_flag(name)} must not be negative, got {getattr(cfg, name)}")
     if cfg.rank <= 0:
         raise UserError(f"--rank must be a positive integer (the LoRA rank, e.g. 8 or 16), got {cfg.rank}")
     if cfg.alpha <= 0:

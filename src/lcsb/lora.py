@@ -176,18 +176,10 @@ def check_adapter(path: str | Path, mcfg, model: str | Path | None = None) -> Lo
 
 def load_adapter(model: CausalLM, folder: str | Path) -> LoraConfig:
     """Add LoRA layers as the adapter folder describes and fill them from its weights."""
-    folder = adapter_folder(folder)
-    cfg = read_adapter_config(folder)
+    cfg, saved, _ = read_adapter(folder)          # read whole before the model is touched
+    path = adapter_folder(folder) / ADAPTER_WEIGHTS
     add_lora(model, cfg)
-    path = folder / ADAPTER_WEIGHTS
-    if not path.exists():
-        raise UserError(f"{path} not found: an adapter folder needs {ADAPTER_WEIGHTS} (PEFT's safetensors format)")
-    try:
-        saved = load_file(str(path))
-    except Exception as e:  # safetensors raises several types for damaged files
-        raise UserError(f"{path}: not a readable safetensors file ({e})") from None
     params = model.lora_parameters()
-    saved = {k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): v for k, v in saved.items()}
     extra = sorted(set(saved) - set(params))
     missing = sorted(set(params) - set(saved))
     if extra or missing:

@@ -309,20 +309,6 @@ def _resumed_config(cfg: TrainConfig) -> TrainConfig:
 def check_options(cfg: TrainConfig):
     checks.check_types(cfg)          # a config file or the API can give any option any type
     checks.check_ranges(cfg)
-    for name in ("batch_size", "grad_accum", "max_seq_len", "group_size"):
-        if getattr(cfg, name) is not None and getattr(cfg, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    if cfg.steps is not None and cfg.steps <= 0:
-        raise UserError(f"--steps must be positive, got {cfg.steps}")
-    if cfg.epochs <= 0:
-        raise UserError(f"--epochs must be positive, got {cfg.epochs}")
-    if cfg.lr <= 0:
-        raise UserError(f"--lr must be positive, got {cfg.lr}")
-    if not 0 <= cfg.valid_fraction < 1:
-        raise UserError(f"--valid-fraction must be in [0, 1), got {cfg.valid_fraction}")
-    for name in ("eval_every", "save_every", "warmup", "clip", "weight_decay"):
-        if getattr(cfg, name) < 0:
-            raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(cfg, name)}")
 
 
 _FULL = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}     # a write failed, whatever the file
