@@ -108,6 +108,14 @@ def _worker(spec: dict) -> dict:
     return out
 
 
+def _chat_kind(question: str) -> str:
+    for prefix, kind in (("What kind of thing", "category"), ("Give a synonym", "synonym"),
+                         ("Give the opposite", "antonym")):
+        if question.startswith(prefix):
+            return kind
+    return "other"
+
+
 def _metric(task: str, model_dir: str, adapter, data: str, test_limit: int, final_eval_loss=None) -> dict:
     """The task metric of the model (with the adapter of a run folder, or the base model when None)."""
     from lcsb.evaluate import exact_match, label_accuracy
@@ -122,7 +130,13 @@ def _metric(task: str, model_dir: str, adapter, data: str, test_limit: int, fina
     records = [json.loads(line) for line in open(Path(data) / "test.jsonl") if line.strip()]
     if task == "chat":
         r = exact_match(model, tok, records, max_new_tokens=8, limit=test_limit)
+        # by kind of question (scripts/build_tasks.py): the category questions have 25 possible answers,
+        # the synonyms and antonyms are rare words no train answer shows
+        kinds: dict[str, list[bool]] = {}
+        for rec, ok in zip(records, r["correct"]):
+            kinds.setdefault(_chat_kind(rec["messages"][-2]["content"]), []).append(ok)
         return {"exact_match": r["exact_match"], "test_n": r["n"], "samples": r["examples"][:3],
+                "exact_match_by_kind": {k: sum(v) / len(v) for k, v in sorted(kinds.items())},
                 "metric_time": time.perf_counter() - t0}
     labels = json.loads((Path(data) / "labels.json").read_text())
     r = label_accuracy(model, tok, records, labels, limit=test_limit)
@@ -211,7 +225,10 @@ def _fmt_metric(task: str, r: dict) -> str:
     v = r.get(METRIC[task])
     if v is None:
         return "-"
-    return f"{v:.1f}" if task == "domain" else f"{100 * v:.1f}%"
+    if task == "domain":
+        return f"{v:.1f}"
+    cat = (r.get("exact_match_by_kind") or {}).get("category")
+    return f"{100 * v:.1f}%" + ("" if cat is None else f" (category {100 * cat:.0f}%)")
 
 
 def table(results: dict) -> str:

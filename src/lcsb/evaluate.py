@@ -280,7 +280,8 @@ def exact_match(model: CausalLM, tokenizer, records: Sequence[dict], max_new_tok
     (special tokens left out) is compared with the stripped answer. Prompts of equal length are decoded
     together (up to `batch_size` at a time, with a KV cache), which is greedy decoding of each prompt
     alone, batched. `limit` scores only the first N records (0: all). Returns {"exact_match", "n",
-    "examples"} with the first few (prompt, answer, generated) triples.
+    "correct", "examples"}: the share right, how many were scored, right or not per scored record,
+    and the first few (prompt, answer, generated) triples.
     """
     recs = list(records[:limit] if limit else records)
     eos = {*tokenizer.eos_token_ids, *model.config.eos_token_id}
@@ -316,14 +317,15 @@ def exact_match(model: CausalLM, tokenizer, records: Sequence[dict], max_new_tok
                         ids = nxt[:, None]
     finally:
         model.train(was_training)
-    hits, shown = 0, []
+    correct, shown = [], []
     for rec, toks in zip(recs, generated):
         answer = rec["messages"][-1]["content"]
         text = tokenizer.decode(toks, skip_special_tokens=True)
-        hits += text.strip() == answer.strip()
+        correct.append(text.strip() == answer.strip())
         if len(shown) < 5:
             shown.append({"prompt": rec["messages"][-2]["content"], "answer": answer, "generated": text})
-    return {"exact_match": hits / max(len(recs), 1), "n": len(recs), "examples": shown}
+    return {"exact_match": sum(correct) / max(len(recs), 1), "n": len(recs), "correct": correct,
+            "examples": shown}
 
 
 def _label_sequences(tokenizer, prompt: str, labels: Sequence[str]) -> tuple[int, list[list[int]]]:

@@ -1,0 +1,53 @@
+"""The task metrics against transformers on the bundled model: exact match of greedy answers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from lcsb.evaluate import exact_match
+from lcsb.model import load_model
+from lcsb.model.tokenizer import load_tokenizer
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+MODEL = ASSETS / "model"
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    return load_model(MODEL), load_tokenizer(MODEL), transformers.AutoModelForCausalLM.from_pretrained(
+        MODEL, dtype=torch.float32).eval()
+
+
+def test_exact_match_is_greedy_decoding_of_each_prompt(bundled):
+    """Each record's verdict is whether transformers' greedy answer to that prompt alone (stopped at
+    the end-of-turn ids) equals the reference, though exact_match decodes prompts of equal length
+    together; half the references are set to transformers' own answer, so both verdicts occur."""
+    model, tok, ref = bundled
+    lines = (ASSETS / "data" / "chat" / "test.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines[:12]]
+    eos = [*tok.eos_token_ids, *model.config.eos_token_id]
+    answers = []
+    for rec in records:
+        ids = tok.apply_chat_template(rec["messages"][:-1], add_generation_prompt=True)
+        with torch.no_grad():
+            out = ref.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, eos_token_id=eos,
+                               pad_token_id=eos[0])[0, len(ids):].tolist()
+        out = out[:next((i for i, t in enumerate(out) if t in eos), len(out))]
+        answers.append(tok.decode(out, skip_special_tokens=True).strip())
+    for i, rec in enumerate(records):
+        if i % 2 == 0:
+            rec["messages"][-1]["content"] = answers[i]
+    want = [answers[i] == rec["messages"][-1]["content"].strip() for i, rec in enumerate(records)]
+    assert 6 <= sum(want) < len(records)
+    lengths = [len(tok.apply_chat_template(r["messages"][:-1], add_generation_prompt=True)) for r in records]
+    assert len(set(lengths)) < len(lengths)                   # some prompts are decoded as a batch
+    r = exact_match(model, tok, records, max_new_tokens=8, batch_size=2)
+    assert r["correct"] == want
+    assert r["n"] == len(records) and r["exact_match"] == sum(want) / len(records)
+    assert [e["generated"].strip() for e in r["examples"]] == answers[:5]
+    assert exact_match(model, tok, records, max_new_tokens=8, limit=3)["correct"] == want[:3]
