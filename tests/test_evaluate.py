@@ -1,4 +1,4 @@
-"""The task metrics against transformers on the bundled model: exact match of greedy answers."""
+"""The task metrics against transformers on the bundled model: exact match of greedy answers, label accuracy."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-from lcsb.evaluate import exact_match
+from lcsb.evaluate import _label_sequences, exact_match, label_accuracy, label_logprobs
 from lcsb.model import load_model
 from lcsb.model.tokenizer import load_tokenizer
 
@@ -51,3 +51,26 @@ def test_exact_match_is_greedy_decoding_of_each_prompt(bundled):
     assert r["n"] == len(records) and r["exact_match"] == sum(want) / len(records)
     assert [e["generated"].strip() for e in r["examples"]] == answers[:5]
     assert exact_match(model, tok, records, max_new_tokens=8, limit=3)["correct"] == want[:3]
+
+
+def test_label_accuracy_is_transformers_argmax(bundled):
+    """Each label's log-likelihood equals transformers' on that sequence alone, and the accuracy
+    over right-padded batches is that of transformers' argmax: half the records are given the label
+    transformers prefers, half another one, so the accuracy must be exactly one half."""
+    model, tok, ref = bundled
+    labels = json.loads((ASSETS / "data" / "classify" / "labels.json").read_text())
+    lines = (ASSETS / "data" / "classify" / "test.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines[:10]]
+    for i, rec in enumerate(records):
+        n, seqs = _label_sequences(tok, rec["prompt"], labels)
+        want = []
+        for s in seqs:
+            with torch.no_grad():
+                logp = torch.log_softmax(ref(torch.tensor([s])).logits[0].float(), dim=-1)
+            want.append(sum(float(logp[t - 1, s[t]]) for t in range(n, len(s))))
+        got = label_logprobs(model, tok, rec["prompt"], labels)
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-4)
+        best = max(range(len(labels)), key=want.__getitem__)
+        rec["completion"] = labels[best] if i % 2 == 0 else labels[(best + 1) % len(labels)]
+    assert label_accuracy(model, tok, records, labels, batch_size=3) == {"accuracy": 0.5, "n": 10}
+    assert label_accuracy(model, tok, records, labels, limit=4)["n"] == 4
