@@ -46,9 +46,7 @@ def main(argv=None):
         runs.add(m, "prepare_config", method=m, layers=args.layers, seq=args.seq,
                  quant="stored" if args.quant != "fp32" else None, model_dir=str(model_dir),
                  recompute=args.recompute == "on")
-    results = runs.run(args.warmup, args.steps, lambda name, r, t: print(
-        f"  {'warm-up' if r < args.warmup else f'step {r - args.warmup + 1}/{args.steps}'} {name}: "
-        f"{t['total']:.2f} s", file=sys.stderr, flush=True))
+    results = runs.run(args.warmup, args.steps)
     rows = [results[m] for m in args.methods]
     full = next((r for r in rows if r["method"] == "full"), rows[0])
     for r in rows:

@@ -6,7 +6,8 @@
 
 Every configuration runs in its own process; all are loaded side by side and stepped in turn
 (step 1 of each, then step 2 of each, ...), so a slow minute of a shared machine falls on all of
-them alike. They run on the same random checkpoint and the same tokens (LoRA rank 16 on all seven projections, AdamW, batch 1):
+them alike. They run on the same random checkpoint and the same tokens (LoRA rank 16 on all
+seven projections, AdamW, batch 1):
 transformers + PEFT fp32 without and with gradient checkpointing; lcsb full and lcsb K=4 at int4,
 int8 and fp32 base weights; lcsb K=2 and K=8 at int4. For each: median step time after a warm-up,
 tokens/s, peak RSS, and ratios to transformers + PEFT fp32; for lcsb, the step's matmul FLOPs and
@@ -117,11 +118,7 @@ def main(argv=None):
                      threads=args.threads)
         chosen.append((name, kind, plain, weights))
 
-    def progress(name, r, t):
-        tag = "warm-up" if r < args.warmup else f"step {r - args.warmup + 1}/{args.steps}"
-        print(f"  {tag} {name}: {t['total']:.2f} s", file=sys.stderr, flush=True)
-
-    results = runs.run(args.warmup, args.steps, progress)
+    results = runs.run(args.warmup, args.steps)
     rows = []
     for name, kind, plain, weights in chosen:
         r = results[name]

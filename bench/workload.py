@@ -156,7 +156,10 @@ def prepare_config(method: str, layers: int, seq: int, quant: str | None, rank: 
 def run_config(method: str, layers: int, seq: int, steps: int, warmup: int, quant: str | None, **kw) -> dict:
     """Time `steps` training steps (after `warmup`) of one configuration in this process
     (prepare_config's arguments)."""
-    step, summary = prepare_config(method, layers, seq, quant, **kw)
+    return _timed(*prepare_config(method, layers, seq, quant, **kw), warmup, steps)
+
+
+def _timed(step, summary, warmup: int, steps: int) -> dict:
     rows = [step() for _ in range(warmup + steps)]
     return summary(rows[warmup:])
 
@@ -253,9 +256,7 @@ def prepare_hf(model_dir: str, seq: int, checkpointing: bool, rank: int = 16, th
 
 
 def run_hf(model_dir: str, seq: int, steps: int, warmup: int, checkpointing: bool, **kw) -> dict:
-    step, summary = prepare_hf(model_dir, seq, checkpointing, **kw)
-    rows = [step() for _ in range(warmup + steps)]
-    return summary(rows[warmup:])
+    return _timed(*prepare_hf(model_dir, seq, checkpointing, **kw), warmup, steps)
 
 
 # ------------------------------------------------------------------ interleaved: configurations side by side
@@ -318,14 +319,15 @@ class Interleaved:
         self.children[name].stdin.flush()
         return self._reply(name)
 
-    def run(self, warmup: int, steps: int, progress=None) -> dict[str, dict]:
+    def run(self, warmup: int, steps: int) -> dict[str, dict]:
+        """Every step's time goes to stderr as it is taken."""
         names = list(self.children)
         for r in range(warmup + steps):
             k = r % len(names)
+            tag = "warm-up" if r < warmup else f"step {r - warmup + 1}/{steps}"
             for name in names[k:] + names[:k]:
                 t = self._ask(name, "step")
-                if progress:
-                    progress(name, r, t)
+                print(f"  {tag} {name}: {t['total']:.2f} s", file=sys.stderr, flush=True)
         out = {name: self._ask(name, f"summary {steps}") for name in names}
         self.close()
         return out
