@@ -4,7 +4,8 @@
     python bench/quality.py --tasks chat --steps 100 --methods full lcsb-K4
     python bench/quality.py --quick                           # a smoke run: few steps, small test subsets
 
-Every method trains the bundled model (assets/model) on each task for the same number of steps with
+Every method trains the bundled model (assets/model; or --model, any checkpoint folder lcsb loads, with a chat
+template for the chat task, e.g. a deeper model built by scripts/pretrain.py) on each task for the same number of steps with
 the same seed and the same settings: `assets/train-default.yaml` (lr, batch size, schedule, warmup,
 rank, ...), with --steps / --lr / --batch-size on top, equal for all methods, never tuned per method.
 Each run is `lcsb.train(TrainConfig(...), quiet=True)` in a fresh subprocess with one torch thread
@@ -56,6 +57,7 @@ METHODS = {
     "lisa-2": dict(method="lisa", active=2, interval=10),
     "badam": dict(method="badam", interval=10),
     "freeze-2": dict(method="freeze", active=2),
+    "freeze-6": dict(method="freeze", active=6),   # a quarter of a 24-layer model (--model), K=4's budget
 }
 DEFAULT_FILE = ASSETS / "train-default.yaml"
 SHARED_KEYS = ("lr", "batch_size", "schedule", "warmup", "max_seq_len", "rank", "alpha", "weight_decay",
@@ -286,8 +288,9 @@ def plot(results: dict, path: Path) -> bool:
             ax.grid(alpha=0.3)
         axes[0][j].legend(fontsize=7)
     s = results["settings"]
-    fig.suptitle(f"bundled model, {s['steps']} steps, lr {s['common']['lr']}, batch {s['common']['batch_size']}, "
-                 f"rank {s['common'].get('rank', 16)}, seed {s['seed']} (dotted: full's final eval loss)")
+    model = "bundled model" if Path(s.get("model", ASSETS / "model")) == ASSETS / "model" else Path(s["model"]).name
+    fig.suptitle(f"{model}, {s['steps']} steps, lr {s['common']['lr']}, batch {s['common']['batch_size']}, "
+                 f"rank {s['common'].get('rank', 16)}, seed {s['seed']}\n(dotted: full's final eval loss)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -312,7 +315,8 @@ def common_settings(args) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--methods", nargs="+", default=[m for m in METHODS if m != "freeze-6"], choices=list(METHODS))
+    ap.add_argument("--model", default=str(ASSETS / "model"), help="checkpoint folder (default: the bundled model)")
     ap.add_argument("--steps", type=int, default=200, help="optimizer steps, the same for every method")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lr", type=float, help="override train-default.yaml's lr (for every method)")
@@ -341,13 +345,13 @@ def main(argv=None):
         args.eval_every = args.eval_every or 10
     eval_every = args.eval_every or max(1, args.steps // 8)
     common = common_settings(args)
-    settings = dict(steps=args.steps, seed=args.seed, eval_every=eval_every, eval_batches=args.eval_batches,
-                    test_limit=args.test_limit, jobs=args.jobs, common=common, threads=1,
+    settings = dict(model=args.model, steps=args.steps, seed=args.seed, eval_every=eval_every,
+                    eval_batches=args.eval_batches, test_limit=args.test_limit, jobs=args.jobs, common=common, threads=1,
                     methods={m: METHODS[m] for m in args.methods})
     stamp = time.strftime("%Y%m%d-%H%M%S")
     specs, bases = [], []
     for task in args.tasks:
-        cfg = dict(model=str(ASSETS / "model"), data=str(ASSETS / "data" / task), steps=args.steps, seed=args.seed,
+        cfg = dict(model=args.model, data=str(ASSETS / "data" / task), steps=args.steps, seed=args.seed,
                    eval_every=eval_every, eval_batches=args.eval_batches, save_every=0, keep_checkpoints=1, **common)
         bases.append(dict(task=task, config=cfg, test_limit=args.test_limit))
         for name in args.methods:
