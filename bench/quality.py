@@ -4,10 +4,10 @@
     python bench/quality.py --tasks chat --steps 100 --methods full lcsb-K4
     python bench/quality.py --quick                           # a smoke run: few steps, small test subsets
 
-Every method trains the bundled model (assets/model; or --model, any checkpoint folder lcsb loads, with a chat
-template for the chat task, e.g. a deeper model built by scripts/pretrain.py) on each task for the same number of steps with
-the same seed and the same settings: `assets/train-default.yaml` (lr, batch size, schedule, warmup,
-rank, ...), with --steps / --lr / --batch-size on top, equal for all methods, never tuned per method.
+Every method trains the bundled model (assets/model; or --model, any checkpoint folder lcsb loads, with a
+chat template for the chat task, e.g. a deeper model built by scripts/pretrain.py) on each task for the
+same number of steps with the same seed and the same settings: `assets/train-default.yaml` (lr, batch
+size, schedule, warmup, rank, ...), with --steps / --lr / --batch-size on top, equal for all methods, never tuned per method.
 Each run is `lcsb.train(TrainConfig(...), quiet=True)` in a fresh subprocess with one torch thread
 (`--jobs 2` runs two such processes side by side), evaluated every --eval-every steps on the valid
 split (the same --eval-batches batches every time); the base model is scored once per task for the
@@ -60,6 +60,7 @@ METHODS = {
     "freeze-6": dict(method="freeze", active=6),   # a quarter of a 24-layer model (--model), K=4's budget
 }
 DEFAULT_FILE = ASSETS / "train-default.yaml"
+DEFAULT_MODEL = ASSETS / "model"
 SHARED_KEYS = ("lr", "batch_size", "schedule", "warmup", "max_seq_len", "rank", "alpha", "weight_decay",
                "grad_accum", "clip", "optimizer", "inactive")
 
@@ -288,7 +289,8 @@ def plot(results: dict, path: Path) -> bool:
             ax.grid(alpha=0.3)
         axes[0][j].legend(fontsize=7)
     s = results["settings"]
-    model = "bundled model" if Path(s.get("model", ASSETS / "model")) == ASSETS / "model" else Path(s["model"]).name
+    model = REPO / s.get("model", DEFAULT_MODEL)   # saved JSON holds it relative to the repo; older results none
+    model = "bundled model" if model.resolve() == DEFAULT_MODEL.resolve() else model.name
     fig.suptitle(f"{model}, {s['steps']} steps, lr {s['common']['lr']}, batch {s['common']['batch_size']}, "
                  f"rank {s['common'].get('rank', 16)}, seed {s['seed']}\n(dotted: full's final eval loss)", fontsize=10)
     fig.tight_layout()
@@ -316,7 +318,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     ap.add_argument("--methods", nargs="+", default=[m for m in METHODS if m != "freeze-6"], choices=list(METHODS))
-    ap.add_argument("--model", default=str(ASSETS / "model"), help="checkpoint folder (default: the bundled model)")
+    ap.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint folder (default: the bundled model)")
     ap.add_argument("--steps", type=int, default=200, help="optimizer steps, the same for every method")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lr", type=float, help="override train-default.yaml's lr (for every method)")
