@@ -224,7 +224,12 @@ def prepare_hf(model_dir: str, seq: int, checkpointing: bool, rank: int = 16, th
 
     if threads:
         torch.set_num_threads(threads)
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    path = Path(model_dir)
+    if path.suffix == ".gguf":          # transformers dequantizes a GGUF file to float (gguf-py) as it loads
+        model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                                  dtype=torch.float32)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

@@ -160,13 +160,17 @@ def _run_eval(args) -> int:
 def _add_export(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a run's adapter for PEFT or MLX-LM, or merged into the base model",
                        description="Write a run's LoRA adapter as a PEFT adapter folder, as an MLX-LM adapter "
-                                   "folder, or folded into the base weights as a Hugging Face checkpoint.")
+                                   "folder, folded into the base weights as a Hugging Face checkpoint, or as a "
+                                   "llama.cpp LoRA adapter file (GGUF).")
     # dest is not "run": that attribute holds the subcommand's function
     p.add_argument("source", metavar="RUN", help="run folder (or adapter folder) whose adapter to export")
-    p.add_argument("--to", required=True, choices=("peft", "mlx", "merged"), help="output format")
-    p.add_argument("--out", metavar="DIR", help="folder to create (default: RUN/export-<format>)")
-    p.add_argument("--model", metavar="DIR",
-                   help="merged: the base checkpoint (default: the adapter's base_model_name_or_path)")
+    p.add_argument("--to", required=True, choices=("peft", "mlx", "merged", "gguf"),
+                   help="output format (gguf: a llama.cpp LoRA adapter file for a GGUF base model)")
+    p.add_argument("--out", metavar="PATH",
+                   help="folder to create (default: RUN/export-<format>); for gguf, the file (default: RUN/adapter.gguf)")
+    p.add_argument("--model", metavar="PATH",
+                   help="merged: the base checkpoint; gguf: the base .gguf file "
+                        "(default: the adapter's base_model_name_or_path)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
                    help="merged: float type of the weights written (default: the base checkpoint's)")
     p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
@@ -178,7 +182,8 @@ def _run_export(args) -> int:
 
     from .lora import export_adapter
 
-    out = Path(args.out) if args.out else Path(args.source) / f"export-{args.to}"
+    default = "adapter.gguf" if args.to == "gguf" else f"export-{args.to}"
+    out = Path(args.out) if args.out else Path(args.source) / default
     dtype = getattr(torch, args.dtype) if args.dtype else None
     if dtype is not None and args.to != "merged":
         raise UserError(f"--dtype applies to --to merged only; {args.to} adapters are written in float32")
@@ -263,7 +268,7 @@ def _add_convert(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="compress a checkpoint's base weights once (int8, int4, nf4)",
                        description="Write a converted copy of a Hugging Face checkpoint folder whose base weights "
                                    "are compressed; `lcsb train/eval/generate --model DST` read it block by block.")
-    p.add_argument("src", metavar="SRC", help="Hugging Face checkpoint folder")
+    p.add_argument("src", metavar="SRC", help="Hugging Face checkpoint folder or GGUF model file")
     p.add_argument("dst", metavar="DST", help="folder to write (must not exist unless --overwrite)")
     p.add_argument("--quant", choices=FORMATS, default="int4", help="format (default: %(default)s)")
     p.add_argument("--bits", type=int, choices=(4, 8), help="shorthand: 4 = int4, 8 = int8")
@@ -274,7 +279,7 @@ def _add_convert(sub) -> argparse.ArgumentParser:
 
 
 def _run_convert(args) -> int:
-    from .quant.store import convert_model
+    from .convert import convert
 
     quant = {4: "int4", 8: "int8"}[args.bits] if args.bits else args.quant
     t0 = time.perf_counter()
@@ -282,8 +287,8 @@ def _run_convert(args) -> int:
     def progress(done, total):
         print(f"\rconverting: {done}/{total} modules", end="", file=sys.stderr, flush=True)
 
-    out = convert_model(args.src, args.dst, quant=quant, group_size=args.group_size, overwrite=args.overwrite,
-                        progress=progress)
+    out = convert(args.src, args.dst, quant=quant, group_size=args.group_size, overwrite=args.overwrite,
+                  progress=progress)
     size = sum(f.stat().st_size for f in Path(out).glob("*.safetensors")) / 2**20
     print(f"\nwrote {out} ({quant}, {size:.0f} MB) in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
     return 0
@@ -291,7 +296,8 @@ def _run_convert(args) -> int:
 
 # --- bench ----------------------------------------------------------------------------------------
 
-BENCH_SCRIPTS = {"speed": "speed.py", "quality": "quality.py", "methods": "methods.py", "memory": "memory.py"}
+BENCH_SCRIPTS = {"speed": "speed.py", "quality": "quality.py", "methods": "methods.py", "memory": "memory.py",
+                 "gguf": "gguf.py"}
 
 
 def _add_bench(sub) -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""LoRA adapters: add them, read / write them in PEFT's layout, export them (PEFT, MLX-LM, merged).
+"""LoRA adapters: add them, read / write them in PEFT's layout, export them (PEFT, MLX-LM, merged, GGUF).
 
 PEFT layout: adapter_config.json + adapter_model.safetensors with keys
 `base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight` (A [r, in], B [out, r]);
@@ -6,6 +6,10 @@ PEFT layout: adapter_config.json + adapter_model.safetensors with keys
 MLX-LM layout: adapters.safetensors with `model.layers.N.self_attn.q_proj.lora_a` (A^T [in, r]) and
 `.lora_b` (B^T [r, out]), and an adapter_config.json whose lora_parameters.scale is alpha / r.
 Merged: a Hugging Face checkpoint with W + (alpha / r) B A.
+GGUF: a llama.cpp LoRA adapter file (general.type adapter, adapter.type lora, adapter.lora.alpha)
+with `<base tensor>.lora_a` (A, ggml ne [in, r]) and `.lora_b` (B, ne [r, out]) named after the base
+GGUF's tensors; for the llama architecture B's rows take llama.cpp's q/k permutation, as its
+convert_lora_to_gguf.py does. llama.cpp scales by alpha / r itself.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import LORA_TARGETS, LoraConfig
 from .errors import UserError
+from .model import gguf
 from .model.checkpoint import read_json
 from .model.core import CausalLM, Linear
 
@@ -119,7 +124,8 @@ def check_adapter(path: str | Path, mcfg, model: str | Path | None = None) -> Lo
     folder = adapter_folder(path)
     cfg = read_adapter_config(folder)
     cfg_path, weights = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
-    model_json = f"{model}/config.json" if model is not None else "the model's config.json"
+    model_json = ("the model's config.json" if model is None else
+                  f"the metadata of {model}" if gguf.is_gguf(model) else f"{model}/config.json")
     if not weights.exists():
         raise UserError(f"{weights} not found: an adapter folder needs {ADAPTER_WEIGHTS} (PEFT's safetensors format)")
     try:
@@ -198,7 +204,7 @@ def load_adapter(model: CausalLM, folder: str | Path) -> LoraConfig:
 # ---------------------------------------------------------------- export: PEFT, MLX-LM, merged
 
 MLX_WEIGHTS = "adapters.safetensors"
-EXPORTS = ("peft", "mlx", "merged")
+EXPORTS = ("peft", "mlx", "merged", "gguf")
 _MODULE_OF = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
               "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 
@@ -345,6 +351,12 @@ def export_adapter(adapter: str | Path, to: str, out: str | Path, model: str | P
     out = Path(out)
     if out.resolve() == folder.resolve():
         raise UserError(f"{out}: the output folder is the adapter folder; choose another output folder")
+    if to == "gguf":
+        if not base or not gguf.is_gguf(base):
+            raise UserError(f"--to gguf needs the base model's .gguf file (the adapter's base is {base!r}); "
+                            "pass it with --model")
+        gguf_adapter_file(cfg, tensors, folder / ADAPTER_WEIGHTS, Path(base), out, overwrite)
+        return out
     if to == "merged":
         if not base:
             raise UserError(f"{folder / ADAPTER_CONFIG} names no base model (base_model_name_or_path); "
@@ -369,6 +381,42 @@ def export_adapter(adapter: str | Path, to: str, out: str | Path, model: str | P
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return out
+
+
+def gguf_adapter_file(cfg: LoraConfig, tensors: dict[str, torch.Tensor], where: Path, base: Path, out: Path,
+                      overwrite: bool = False) -> Path:
+    """Write the adapter as a llama.cpp LoRA GGUF file for the base GGUF `base` (atomically)."""
+    from .model import load_config
+
+    mcfg, _ = load_config(base)                 # a broken or unsupported base fails here, by name
+    g = gguf.read_gguf(base)
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} already exists; choose another output file or pass --overwrite")
+    if out.resolve() == base.resolve():
+        raise UserError(f"{out}: the output file is the base model; choose another output file")
+    names = gguf.gguf_names(g.arch, mcfg.num_layers)
+    weights = {}
+    for name, (A, B) in sorted(lora_pairs(tensors, where).items(), key=lambda kv: (_layer_index(kv[0]), kv[0])):
+        key = names[f"{name}.weight"]
+        if key not in g.tensors:
+            raise UserError(f"{where}: {name} has no tensor {key} in {base}; the adapter was made for a "
+                            "different model")
+        base_out, base_in = g.tensors[key].shape
+        if (B.shape[0], A.shape[1]) != (base_out, base_in):
+            raise UserError(f"{where}: the adapter's {name} is {B.shape[0]}x{A.shape[1]} but {base} has "
+                            f"{base_out}x{base_in} ({key}); the adapter was made for a different model")
+        if g.arch == "llama" and name.endswith(("q_proj", "k_proj")):
+            B = gguf.llama_qk_permute(B, mcfg.num_heads if name.endswith("q_proj") else mcfg.num_kv_heads)
+        weights[f"{key}.lora_a"] = A.float().contiguous()         # [r, in]: ggml ne [in, r]
+        weights[f"{key}.lora_b"] = B.float().contiguous()         # [out, r]: ggml ne [r, out]
+    meta = {"general.architecture": g.arch, "general.type": "adapter", "adapter.type": "lora",
+            "adapter.lora.alpha": float(cfg.alpha)}
+    if "general.name" in g.meta:
+        meta["general.name"] = f"{g.meta['general.name']} LoRA (lcsb)"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    gguf.write_gguf(out, meta, weights)
     return out
 
 

@@ -110,10 +110,13 @@ class MemoryEstimate:
         return f"estimated peak memory: {self.total / MB:.0f} MB ({parts})"
 
 
-def _weight_bytes(fmt: str | None, out: int, inp: int, group_size: int, name: str) -> int:
-    """Bytes of one [out, inp] base weight stored as `fmt` (None: dense float32)."""
+def _weight_bytes(fmt: str | None, out: int, inp: int, group_size: int, name: str, bits: float = 0.0) -> int:
+    """Bytes of one [out, inp] base weight stored as `fmt` (None: dense float32; "gguf": `bits` per weight,
+    as the file says)."""
     if fmt is None or fmt == "dense":
         return out * inp * F32
+    if fmt == "gguf":
+        return int(out * inp * bits / 8)
     from .quant.formats import quantize
     try:
         row = quantize(torch.zeros(1, inp), fmt, group_size).tensors()   # the format's bytes for one row
@@ -134,7 +137,7 @@ def estimate(mcfg: ModelConfig, *, fmt: str | None, group_size: int, mapped: boo
              visited: int, recompute: bool, batch: int, seq: int, counted: int, optimizer: str,
              momentum: float, runtime: int, vocab_chunk: int | None = None,
              malloc_tuned: bool = False, decompress: str = "block", activations: str = "ram",
-             caching: bool = False) -> MemoryEstimate:
+             caching: bool = False, weight_bits: dict | None = None) -> MemoryEstimate:
     """Peak resident bytes of a training run (see the design note).
 
     Args:
@@ -150,6 +153,8 @@ def estimate(mcfg: ModelConfig, *, fmt: str | None, group_size: int, mapped: boo
             blocks stay cached until the end of a step's phase; one largest temporary is added.
         decompress: "block" (a block's float weights at once) or "linear" (one matrix at a time).
         activations: "ram", or "disk" (checkpoints leave the resident set once written).
+        weight_bits: fmt "gguf": bits per weight of the block matrices, the embedding and the head
+            ({"block", "embed", "head"}), from the file.
     """
     from .engine.executor import VOCAB_CHUNK
     from .quant.formats import CHUNK_ELEMENTS
@@ -160,10 +165,12 @@ def estimate(mcfg: ModelConfig, *, fmt: str | None, group_size: int, mapped: boo
     linears = block_linears(mcfg)
 
     # base weights
-    block_packed = sum(_weight_bytes(fmt, o, i, group_size, f"model.layers.0.*.{n}.weight")
+    bits = weight_bits or {}
+    block_packed = sum(_weight_bytes(fmt, o, i, group_size, f"model.layers.0.*.{n}.weight", bits.get("block", 0))
                        for n, (i, o) in linears.items())
-    table = _weight_bytes(fmt, V, H, group_size, "model.embed_tokens.weight")
-    head = table if mcfg.tie_word_embeddings else _weight_bytes(fmt, V, H, group_size, "lm_head.weight")
+    table = _weight_bytes(fmt, V, H, group_size, "model.embed_tokens.weight", bits.get("embed", 0))
+    head = table if mcfg.tie_word_embeddings else _weight_bytes(fmt, V, H, group_size, "lm_head.weight",
+                                                                bits.get("head", 0))
     small = F32 * (L * (6 * H + dq + 2 * dkv + 2 * mcfg.head_dim) + H)      # norms and biases, kept float
     c = min(V, vocab_chunk or VOCAB_CHUNK)
     if mapped:   # file-backed: pages are released after each block and each vocabulary chunk of the head
@@ -277,7 +284,8 @@ def estimate_run(cfg, mcfg: ModelConfig, lora: LoraConfig, selection, examples, 
                     visited=max_visited(selection, mcfg.num_layers, steps), recompute=cfg.recompute == "on",
                     batch=b, seq=seq, counted=max(1, counted), optimizer=cfg.optimizer, momentum=cfg.momentum,
                     runtime=current_rss() if runtime is None else runtime, malloc_tuned=_malloc_tuned(),
-                    decompress=cfg.decompress, activations=cfg.activations, caching=_caching())
+                    decompress=cfg.decompress, activations=cfg.activations, caching=_caching(),
+                    weight_bits=stored.get("bits_per_weight") if isinstance(stored, dict) else None)
 
 
 def check_budget(est: MemoryEstimate, limit: int, option: str = "--max-memory"):

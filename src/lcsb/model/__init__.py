@@ -9,8 +9,8 @@ import torch
 from ..config import LoraConfig, ModelConfig, RawConfig
 from ..errors import UserError
 from ..quant.formats import FORMATS, quantize
-from . import gemma3, llama, qwen2, qwen3
 from ..quant.store import CheckpointReader
+from . import gemma3, gguf, llama, qwen2, qwen3
 from .checkpoint import Shards, read_json
 from .core import CausalLM, Embedding, KVCache, Linear, materialized
 
@@ -20,14 +20,25 @@ __all__ = ["CausalLM", "KVCache", "FAMILIES", "load_config", "load_model", "mate
 
 
 def load_config(path: str | Path) -> tuple[ModelConfig, object]:
-    """Parse <path>/config.json with its family's rules -> (ModelConfig, family module)."""
+    """Parse <path>/config.json (or a GGUF file's metadata) with its family's rules -> (ModelConfig, family module)."""
     folder = Path(path)
+    if gguf.is_gguf(folder):
+        return _parse_config(gguf.hf_config(gguf.read_gguf(folder)), str(folder))
+    if folder.is_file():
+        raise UserError(f"{folder}: not a model folder or a .gguf file; pass a Hugging Face checkpoint folder, "
+                        "an `lcsb convert` folder or a GGUF model file with --model")
     if not folder.is_dir():
-        raise UserError(f"{folder}: model folder not found; pass a Hugging Face checkpoint folder with --model")
+        hint = (" (a Hugging Face Hub id? lcsb does not download: pass the downloaded folder)"
+                if "/" in str(path) and not str(path).startswith((".", "/", "~")) else "")
+        raise UserError(f"{folder}: model not found{hint}; pass a Hugging Face checkpoint folder or a .gguf file "
+                        "with --model")
     cfg_path = folder / "config.json"
     if not cfg_path.exists():
         raise UserError(f"{cfg_path} not found: a model folder needs the config.json of its Hugging Face checkpoint")
-    raw = read_json(cfg_path)
+    return _parse_config(read_json(cfg_path), str(cfg_path))
+
+
+def _parse_config(raw: dict, cfg_path: str) -> tuple[ModelConfig, object]:
     model_type = raw.get("model_type")
     if model_type is None:
         raise UserError(f"{cfg_path}: missing field 'model_type'; supported: {', '.join(sorted(FAMILIES))}")
@@ -40,17 +51,19 @@ def load_config(path: str | Path) -> tuple[ModelConfig, object]:
         raise UserError(f"{cfg_path}: Mistral with a sliding window is not supported; set sliding_window to null "
                         "if the model does not rely on it")
     family = FAMILIES[model_type]
-    return family.parse_config(RawConfig(raw, str(cfg_path))), family
+    return family.parse_config(RawConfig(raw, cfg_path)), family
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, quant: str | None = None,
                group_size: int = 64, lora: LoraConfig | None = None, adapter: str | Path | None = None) -> CausalLM:
-    """Load a Hugging Face checkpoint folder (or an `lcsb convert` folder).
+    """Load a Hugging Face checkpoint folder, an `lcsb convert` folder or a GGUF file.
 
     Args:
-        path: folder with config.json and model*.safetensors (sharded or not).
+        path: folder with config.json and model*.safetensors (sharded or not), or a .gguf file (its
+            matrices stay in their ggml types, memory-mapped).
         dtype: float type of dense weights and of the computation.
-        quant: compress base weights on load, one tensor at a time: "int8", "int4", "nf4" or None.
+        quant: compress base weights on load, one tensor at a time: "int8", "int4", "nf4" or None
+            (refused for a GGUF file whose weights are quantized already).
         group_size: group size of int4 / nf4.
         lora: add fresh LoRA adapters with this configuration.
         adapter: load a PEFT adapter folder (adapter_config.json + adapter_model.safetensors).
@@ -66,7 +79,10 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, quant: str 
     with torch.device("meta"):
         model = CausalLM(cfg, family.Block)
     model.dtype = dtype
-    if stored:
+    if gguf.is_gguf(folder):
+        gguf.fill_from_gguf(model, gguf.read_gguf(folder), quant, group_size)
+        stored = {"format": quant or "gguf"}
+    elif stored:
         from ..quant.store import fill_from_store   # a folder written by `lcsb convert`
         fill_from_store(model, folder, stored)
     else:
