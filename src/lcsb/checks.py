@@ -61,7 +61,7 @@ def check_ranges(cfg: TrainConfig):
             raise UserError(f"{_flag(name)} must be positive, got {v}")
     if not 0 <= cfg.valid_fraction < 1:
         raise UserError(f"--valid-fraction must be in [0, 1), got {cfg.valid_fraction}")
-    for name in ("eval_every", "save_every", "warmup", "clip", "weight_decay"):
+    for name in ("eval_every", "save_every", "warmup", "clip", "weight_decay", "preview"):
         if getattr(cfg, name) < 0:
             raise UserError(f"{_flag(name)} must not be negative, got {getattr(cfg, name)}")
     if cfg.rank <= 0:

