@@ -27,13 +27,13 @@ import real_models
 Q = gguf_py.GGMLQuantizationType
 TOL = 1e-4
 
-# family -> config overrides that transformers' GGUF loader can express (it reads no
-# query_pre_attn_scalar and no sliding pattern for Gemma 3, and no head_dim for Qwen3)
+# family -> config overrides that transformers' GGUF loader can express (it reads no head_dim for Qwen3, and
+# for Gemma 3 no sliding pattern and no query_pre_attn_scalar: it takes 256, llama.cpp and lcsb head_dim)
 FAMILIES = {
     "llama": dict(num_key_value_heads=2),
     "qwen2": dict(),
     "qwen3": dict(head_dim=128),
-    "gemma3": dict(num_hidden_layers=7, head_dim=32, query_pre_attn_scalar=32, sliding_window_pattern=6,
+    "gemma3": dict(num_hidden_layers=7, head_dim=256, query_pre_attn_scalar=256, sliding_window_pattern=6,
                    sliding_window=4),
 }
 # a mix of ggml types, one per kind of matrix, so every block type meets every projection shape

@@ -24,9 +24,10 @@ llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not ins
                                                     "(python scripts/check_llama_cpp.py --install)")
 import gguf as gguf_py  # noqa: E402
 
-# Gemma 3 is left to the real file (scripts/check_llama_cpp.py: 1e-3 on Gemma 3 270M in F32): llama.cpp
-# sizes Gemma 3's attention from its model-size table, which a tiny random model is not in
-FAMILIES = {"llama": dict(num_key_value_heads=2), "qwen2": dict(), "qwen3": dict(head_dim=128)}
+FAMILIES = {"llama": dict(num_key_value_heads=2), "qwen2": dict(), "qwen3": dict(head_dim=128),
+            "gemma3": dict(num_hidden_layers=7, head_dim=32, query_pre_attn_scalar=32, sliding_window_pattern=6,
+                           sliding_window=64)}
+TOL = {"gemma3": 5e-3}       # ggml's CPU GELU reads an F16 table (the real Gemma 3 270M in F32: 1e-3)
 
 
 def _logits(path, adapter, ids):
@@ -56,4 +57,4 @@ def test_gguf_adapter_in_llama_cpp(family, tmp_path, seed):
     theirs = _logits(base, out, ids)
     effect = np.abs(ours - _logits(base, None, ids)).max()
     assert effect > 0.1 * np.abs(ours).max()                 # the adapter really moves the logits
-    assert np.abs(theirs - ours).max() / np.abs(ours).max() < 1e-4
+    assert np.abs(theirs - ours).max() / np.abs(ours).max() < TOL.get(family, 1e-4)

