@@ -42,23 +42,49 @@ ASSETS = REPO / "assets"
 TASKS = ("domain", "chat", "classify")
 METRIC = {"domain": "eval_ppl", "chat": "exact_match", "classify": "accuracy"}
 
-# method name -> TrainConfig fields (on top of the common settings)
-METHODS = {
-    "full": dict(method="full"),
-    "lcsb-K2": dict(method="lcsb", groups=2),
-    "lcsb-K4": dict(method="lcsb", groups=4),
-    "lcsb-K2-strided": dict(method="lcsb", groups=2, grouping="strided"),
-    "lcsb-K4-strided": dict(method="lcsb", groups=4, grouping="strided"),
-    "lcsb-exact-K4": dict(method="lcsb-exact", groups=4),
-    # LCSB K=4 with the other optimizer policies for the blocks not trained this step (optim.py)
-    "lcsb-K4-frozen": dict(method="lcsb", groups=4, inactive="frozen"),
-    "lcsb-K4-reset": dict(method="lcsb", groups=4, inactive="reset"),
-    "random-2": dict(method="random", active=2),
-    "lisa-2": dict(method="lisa", active=2, interval=10),
-    "badam": dict(method="badam", interval=10),
-    "freeze-2": dict(method="freeze", active=2),
-    "freeze-6": dict(method="freeze", active=6),   # a quarter of a 24-layer model (--model), K=4's budget
-}
+# the default method list (names parsed by method_config; any N works: lcsb-K6, freeze-8, lisa-4 ...)
+METHODS = ("full", "lcsb-K2", "lcsb-K4", "lcsb-K2-strided", "lcsb-K4-strided", "lcsb-exact-K4", "lcsb-K4-frozen",
+           "lcsb-K4-reset", "random-2", "lisa-2", "badam", "freeze-2")
+_POLICY = {"frozen", "reset", "momentum"}       # optimizer policy of the blocks not trained (optim.py)
+
+
+def _method_name(name: str) -> str:
+    method_config(name)                 # refuses an unknown name while the arguments are parsed
+    return name
+
+
+def method_config(name: str) -> dict:
+    """A method name -> TrainConfig fields (on top of the common settings):
+    full | badam | lcsb-K<N>[-strided][-frozen|-reset] | lcsb-exact-K<N>[...] | random-<N> | lisa-<N> | freeze-<N>.
+    LISA switches every 10 steps, BAdam too (their papers' style of schedule)."""
+    parts = name.split("-")
+    head, rest = parts[0], parts[1:]
+    if head == "lcsb" and rest[:1] == ["exact"]:
+        head, rest = "lcsb-exact", rest[1:]
+    try:
+        if name == "full":
+            return dict(method="full")
+        if name == "badam":
+            return dict(method="badam", interval=10)
+        if head in ("lcsb", "lcsb-exact") and rest and rest[0].startswith("K"):
+            cfg = dict(method=head, groups=int(rest[0][1:]))
+            for opt in rest[1:]:
+                if opt == "strided":
+                    cfg["grouping"] = "strided"
+                elif opt in _POLICY:
+                    cfg["inactive"] = opt
+                else:
+                    raise ValueError(opt)
+            return cfg
+        if head in ("random", "lisa", "freeze") and len(rest) == 1:
+            return dict(method=head, active=int(rest[0]), **({"interval": 10} if head == "lisa" else {}))
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(
+        f"unknown method {name!r}: full, badam, lcsb-K<N>[-strided][-frozen|-reset], lcsb-exact-K<N>, "
+        "random-<N>, lisa-<N>, freeze-<N>")
+
+
 DEFAULT_FILE = ASSETS / "train-default.yaml"
 DEFAULT_MODEL = ASSETS / "model"
 SHARED_KEYS = ("lr", "batch_size", "schedule", "warmup", "max_seq_len", "rank", "alpha", "weight_decay",
@@ -317,7 +343,8 @@ def common_settings(args) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
-    ap.add_argument("--methods", nargs="+", default=[m for m in METHODS if m != "freeze-6"], choices=list(METHODS))
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), type=_method_name,
+                    help="methods to run (any N: lcsb-K6, lcsb-exact-K4, freeze-8, lisa-4, random-2, badam, full)")
     ap.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint folder (default: the bundled model)")
     ap.add_argument("--steps", type=int, default=200, help="optimizer steps, the same for every method")
     ap.add_argument("--seed", type=int, default=0)
@@ -349,7 +376,7 @@ def main(argv=None):
     common = common_settings(args)
     settings = dict(model=args.model, steps=args.steps, seed=args.seed, eval_every=eval_every,
                     eval_batches=args.eval_batches, test_limit=args.test_limit, jobs=args.jobs, common=common, threads=1,
-                    methods={m: METHODS[m] for m in args.methods})
+                    methods={m: method_config(m) for m in args.methods})
     stamp = time.strftime("%Y%m%d-%H%M%S")
     specs, bases = [], []
     for task in args.tasks:
@@ -358,7 +385,7 @@ def main(argv=None):
         bases.append(dict(task=task, config=cfg, test_limit=args.test_limit))
         for name in args.methods:
             specs.append(dict(name=name, task=task, test_limit=args.test_limit,
-                              config=dict(cfg, **METHODS[name], out=f"{args.runs}/{stamp}/{task}/{name}")))
+                              config=dict(cfg, **method_config(name), out=f"{args.runs}/{stamp}/{task}/{name}")))
     results = dict(date=str(date.today()), machine=dict(platform=platform.platform(), cpus=os.cpu_count(),
                                                         python=platform.python_version()),
                    settings=settings, tasks={t: {"base": None, "methods": {}} for t in args.tasks})

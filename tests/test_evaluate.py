@@ -74,3 +74,21 @@ def test_label_accuracy_is_transformers_argmax(bundled):
         rec["completion"] = labels[best] if i % 2 == 0 else labels[(best + 1) % len(labels)]
     assert label_accuracy(model, tok, records, labels, batch_size=3) == {"accuracy": 0.5, "n": 10}
     assert label_accuracy(model, tok, records, labels, limit=4)["n"] == 4
+
+
+@pytest.mark.parametrize("family, over", [("llama", {}), ("gemma3", dict(final_logit_softcapping=3.0))])
+def test_token_logprobs_equal_the_full_softmax(family, over, tmp_path, seed):
+    """The chunked LM-head scoring (label accuracy's) against log_softmax over the whole [T, vocab] logits,
+    with a vocabulary of several chunks and Gemma's final soft-capping."""
+    import hf
+
+    hf.make(family, tmp_path, vocab_size=40000, **over)
+    model = load_model(tmp_path)
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(7, model.config.hidden_size, generator=g)
+    targets = torch.randint(0, 40000, (7,), generator=g)
+    targets[0], targets[1] = 0, 39999                       # the first and the last chunk
+    with torch.no_grad():
+        want = torch.log_softmax(model.logits(h[None])[0], dim=-1)[torch.arange(7), targets]
+        got = model.token_logprobs(h, targets)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)

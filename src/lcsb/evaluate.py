@@ -350,17 +350,26 @@ def _label_sequences(tokenizer, prompt: str, labels: Sequence[str]) -> tuple[int
 
 @torch.no_grad()
 def _score_sequences(model: CausalLM, items: list[tuple[int, list[int]]]) -> list[float]:
-    """Sum of log-probs of the tokens after position n of each (n, ids), in one right-padded batch."""
+    """Sum of log-probs of the tokens after position n of each (n, ids), in one right-padded batch; only the
+    scored positions go through the LM head, in vocabulary chunks (CausalLM.token_logprobs)."""
     width = max(len(s) for _, s in items)
     batch = torch.zeros((len(items), width), dtype=torch.long)      # right padding: causal, never attended
     for i, (_, s) in enumerate(items):
         batch[i, :len(s)] = torch.tensor(s)
-    logp = torch.log_softmax(model(batch.to(_device(model))).float(), dim=-1)
-    out = []
+    device = _device(model)
+    h = model.embed(batch.to(device))
+    ctx = model.context(0, width, device)
+    for block in model.model.layers:
+        h = block(h, ctx)
+    rows, targets, owner = [], [], []
     for i, (n, s) in enumerate(items):
         pos = torch.arange(n - 1, len(s) - 1)                       # position t predicts token t + 1
-        out.append(float(logp[i, pos, torch.tensor(s[n:])].sum()))
-    return out
+        rows.append(h[i, pos])
+        targets.append(torch.tensor(s[n:]))
+        owner += [i] * len(pos)
+    logp = model.token_logprobs(torch.cat(rows), torch.cat(targets).to(device))
+    out = torch.zeros(len(items)).index_add_(0, torch.tensor(owner), logp.cpu())
+    return [float(v) for v in out]
 
 
 def label_logprobs(model: CausalLM, tokenizer, prompt: str, labels: Sequence[str]) -> list[float]:

@@ -529,6 +529,24 @@ class CausalLM(nn.Module):
             out = torch.tanh(out / self.config.final_softcap) * self.config.final_softcap
         return out
 
+    def token_logprobs(self, h, targets):
+        """log p(targets) under the final norm and LM head: h [T, hidden], targets [T] -> float32 [T],
+        in vocabulary chunks with a running log-sum-exp, so the [T, vocab] logits never exist (scoring labels
+        at Gemma's 262k vocabulary would otherwise build gigabytes of them)."""
+        W, hn = self.head_weight(), self.model.norm(h)
+        lse = torch.full((h.shape[0],), float("-inf"), device=h.device)
+        picked = torch.zeros(h.shape[0], device=h.device)
+        for lo in range(0, W.shape[0], 16384):
+            hi = min(lo + 16384, W.shape[0])
+            z = F.linear(hn, W.row_block(lo, hi, h.dtype)).float()
+            W.release()
+            if self.config.final_softcap is not None:
+                z = torch.tanh(z / self.config.final_softcap) * self.config.final_softcap
+            lse = torch.logaddexp(lse, torch.logsumexp(z, dim=-1))
+            inside = (targets >= lo) & (targets < hi)
+            picked[inside] = z[inside, targets[inside] - lo]
+        return picked - lse
+
     def forward(self, input_ids, cache: KVCache | None = None, last_only: bool = False):
         """Logits [B, S, V] (or [B, 1, V] with last_only, which spares the LM head the other positions)."""
         start = cache.length if cache is not None else 0
