@@ -33,6 +33,7 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import time
 from datetime import date
 from pathlib import Path
@@ -358,6 +359,8 @@ def main(argv=None):
     ap.add_argument("--jobs", type=int, default=1, choices=(1, 2), help="runs side by side (1: fairest timing)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 20 steps, 2 evals, 10 test records")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "quality.json"))
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the runs already in --out (written after every finished run) and run the rest")
     ap.add_argument("--png", help="eval-loss curves (default: --out with .png)")
     ap.add_argument("--runs", default="/tmp/lcsb-quality", help="where the run folders go")
     ap.add_argument("--_worker", help=argparse.SUPPRESS)
@@ -394,29 +397,56 @@ def main(argv=None):
         results["machine"]["torch"] = torch.__version__
     except ImportError:
         pass
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.resume and out.exists():
+        # a partly done benchmark: keep what it measured under the same settings, run the rest
+        before = json.loads(out.read_text())
+        same = ("common", "steps", "seed", "eval_every", "eval_batches", "test_limit")
+        if any(before.get("settings", {}).get(k) != settings[k] for k in same):
+            raise SystemExit(f"{out} was measured with other settings; --resume needs the same command")
+        for task, t in before.get("tasks", {}).items():
+            if task in results["tasks"]:
+                results["tasks"][task]["base"] = t.get("base")
+                results["tasks"][task]["methods"].update(
+                    {m: r for m, r in t.get("methods", {}).items() if m in args.methods})
+        print(f"--resume: {sum(len(t['methods']) for t in results['tasks'].values())} runs kept from {out}",
+              file=sys.stderr, flush=True)
+    lock = threading.Lock()
+
+    def save():
+        # after every finished run, so a stopped benchmark keeps what it measured (paths relative to the repo)
+        with lock:
+            tmp = out.with_name(out.name + ".tmp")
+            tmp.write_text(json.dumps(results, indent=2).replace(str(REPO) + "/", ""))
+            os.replace(tmp, out)
+
     t_all = time.perf_counter()
     for b in bases:
-        r = _in_subprocess("base", b)
-        results["tasks"][b["task"]]["base"] = r
+        if results["tasks"][b["task"]]["base"] is None:
+            results["tasks"][b["task"]]["base"] = _in_subprocess("base", b)
+            save()
+        r = results["tasks"][b["task"]]["base"]
         print(f"{b['task']:>8} base: eval loss {r['eval_loss']:.4f}", file=sys.stderr, flush=True)
 
     def one(spec):
         r = _in_subprocess("worker", spec)
         print(f"{spec['task']:>8} {spec['name']:>16}: eval loss {r['final_eval_loss']:.4f}  train {r['train_wall']:.1f} s "
               f"wall / {r['train_cpu']:.1f} s CPU  (load {r['loadavg'][0]:.1f})", file=sys.stderr, flush=True)
+        with lock:
+            results["tasks"][spec["task"]]["methods"][spec["name"]] = r
+        save()
         return r
 
-    done = run_jobs(one, specs, args.jobs)
-    for spec, r in zip(specs, done):
-        results["tasks"][spec["task"]]["methods"][spec["name"]] = r
+    run_jobs(one, [s for s in specs if s["name"] not in results["tasks"][s["task"]]["methods"]], args.jobs)
+    for t in results["tasks"].values():          # the table in the order of --methods, however the jobs finished
+        t["methods"] = {m: t["methods"][m] for m in args.methods if m in t["methods"]}
     results["total_wall_s"] = time.perf_counter() - t_all
     analyse(results)
     text = table(results)
     print(text)
     results["table"] = text
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2).replace(str(REPO) + "/", ""))   # paths relative to the repo
+    save()
     png = Path(args.png) if args.png else out.with_suffix(".png")
     if plot(results, png):
         print(f"wrote {out} and {png}", file=sys.stderr)
