@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .atomic import write_atomic
 from .config import LORA_TARGETS, LoraConfig
 from .errors import UserError
 from .model import gguf
@@ -65,15 +66,7 @@ def save_adapter(model: CausalLM, folder: str | Path, base_model: str | None = N
 
 
 def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(str(tmp))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:            # disk full, killed by Ctrl-C: no half-written file is left behind
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(path, write)       # disk full, killed by Ctrl-C: no half-written file is left behind
 
 
 def read_adapter_config(folder: Path) -> LoraConfig:

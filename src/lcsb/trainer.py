@@ -34,6 +34,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from . import checks
+from .atomic import write_atomic
 from . import data as datalib
 from . import distributed
 from .config import TrainConfig
@@ -98,16 +99,7 @@ def _write_json(path: Path, obj):
 
 def _write_text(path: Path, text: str):
     """Write, fsync, rename: a kill leaves the old file or the new one, never a torn one."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _save_tensors(path: Path, tensors: dict):

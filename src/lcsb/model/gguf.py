@@ -25,7 +25,6 @@ Names and layouts follow llama.cpp's converter (convert_hf_to_gguf.py) in revers
 from __future__ import annotations
 
 import mmap
-import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..atomic import write_atomic
 from ..errors import UserError
 from ..quant.formats import quantize
 from ..quant.ggml import GGMLWeight, tensor_nbytes
@@ -413,18 +413,14 @@ def write_gguf(path: str | Path, meta: dict, tensors: dict[str, torch.Tensor]) -
         offset += len(data) + pad
     head = b"".join(header)
     head += b"\0" * (-len(head) % DEFAULT_ALIGNMENT)
-    tmp = path.with_name(f".{path.name}.lcsb-tmp-{os.getpid()}")
-    try:
+
+    def write(tmp: str):
         with open(tmp, "wb") as f:
             f.write(head)
             for b in blobs:
                 f.write(b)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    write_atomic(path, write)
 
 
 # ---- loading ------------------------------------------------------------------------------------

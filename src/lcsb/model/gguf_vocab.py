@@ -424,29 +424,29 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
-def _int_array(meta: Mapping[str, Any], key: str, n: int, source: str) -> np.ndarray:
-    """A numeric array of length `n` (a list or numpy array); absent means all normal."""
+def _array(meta: Mapping[str, Any], key: str, n: int, source: str, dtype, what: str) -> np.ndarray | None:
+    """A numeric array of length `n` (a list or numpy array) as `dtype`, None when absent."""
     value = meta.get(key)
     if value is None:
-        return np.full(n, NORMAL, dtype=np.int64)
+        return None
     try:
-        array = np.asarray(value, dtype=np.int64)
+        array = np.asarray(value, dtype=dtype)
     except (TypeError, ValueError):
         array = None
     if array is None or array.shape != (n,):
-        raise UserError(f"{source}: {key} is not {n} integers, one per token; the file is corrupt")
+        raise UserError(f"{source}: {key} is not {n} {what}, one per token; the file is corrupt")
     return array
 
 
+def _int_array(meta: Mapping[str, Any], key: str, n: int, source: str) -> np.ndarray:
+    """Token types; absent means all normal."""
+    array = _array(meta, key, n, source, np.int64, "integers")
+    return np.full(n, NORMAL, dtype=np.int64) if array is None else array
+
+
 def _float_array(meta: Mapping[str, Any], key: str, n: int, source: str) -> np.ndarray:
-    value = meta.get(key)
-    if value is None:
+    array = _array(meta, key, n, source, np.float64, "numbers")
+    if array is None:
         raise UserError(f"{source}: a 'llama' vocabulary without tokenizer.ggml.merges needs {key}, which the "
                         "metadata lacks; convert the model again with llama.cpp")
-    try:
-        array = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        array = None
-    if array is None or array.shape != (n,):
-        raise UserError(f"{source}: {key} is not {n} numbers, one per token; the file is corrupt")
     return array
