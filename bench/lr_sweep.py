@@ -2,6 +2,7 @@
 
     python bench/lr_sweep.py                                  # chat task, 5 lrs x 2 bases x 2 methods
     python bench/lr_sweep.py --task domain --steps 200 --lrs 1e-3 1e-2
+    python bench/lr_sweep.py --model SmolLM2-135M-Instruct.Q4_1.gguf --quants as-is --methods full lcsb-K4 topdown-T6-P4-comp
 
 The LCSB paper reports a 3B model diverging under full backprop with 4-bit base weights while LCSB
 converged. This sweep asks the same question of the bundled model: for each learning rate, base
@@ -28,17 +29,20 @@ import os
 import platform
 import re
 import sys
+import threading
 import time
 from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from quality import one_thread_subprocess, run_jobs  # noqa: E402
+from quality import method_config, one_thread_subprocess, run_jobs  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / "assets"
-METHODS = {"full": dict(method="full"), "lcsb-K4": dict(method="lcsb", groups=4)}
-QUANTS = {"int4": "int4", "fp32": None}
+METHODS = ("full", "lcsb-K4")              # any name quality.method_config knows
+# "fp32": the bundled bfloat16 checkpoint computed in float32; "as-is": the model file's own weights
+# (a quantized GGUF, e.g. SmolLM2's Q4_1, which --quant cannot requantize)
+QUANTS = {"int4": "int4", "fp32": None, "as-is": None}
 
 
 def _worker(spec: dict) -> dict:
@@ -126,9 +130,10 @@ def table(results: dict) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", default="chat", choices=("domain", "chat", "classify"))
+    ap.add_argument("--model", default=str(ASSETS / "model"), help="checkpoint folder or GGUF file (default: the bundled model)")
     ap.add_argument("--lrs", nargs="+", type=float, default=[1e-4, 1e-3, 1e-2, 3e-2, 1e-1])
     ap.add_argument("--quants", nargs="+", default=list(QUANTS), choices=list(QUANTS))
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), help="method names as bench/quality.py takes them")
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
@@ -160,7 +165,9 @@ def main(argv=None):
         return
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    common = dict(model=str(ASSETS / "model"), data=str(ASSETS / "data" / args.task), steps=args.steps,
+    for m in args.methods:
+        method_config(m)                           # an unknown name stops here, before any run
+    common = dict(model=args.model, data=str(ASSETS / "data" / args.task), steps=args.steps,
                   batch_size=args.batch_size, seed=args.seed, rank=16, alpha=32.0, schedule="constant", warmup=0,
                   max_seq_len=256, eval_every=max(1, args.steps // 3), eval_batches=args.eval_batches, save_every=0,
                   keep_checkpoints=1, skip_nonfinite=False)
@@ -169,7 +176,7 @@ def main(argv=None):
     for q in args.quants:
         base[q] = _in_subprocess("base", dict(quant=q, config=dict(common, quant=QUANTS[q])))["eval_loss"]
         print(f"{q}: base eval loss {base[q]:.4f}", file=sys.stderr, flush=True)
-    specs = [dict(name=m, quant=q, config=dict(common, **METHODS[m], quant=QUANTS[q], lr=lr,
+    specs = [dict(name=m, quant=q, config=dict(common, **method_config(m), quant=QUANTS[q], lr=lr,
                                                out=f"{args.runs}/{stamp}/{q}-{m}-{lr:g}"))
              for q in args.quants for m in args.methods for lr in args.lrs]
 
@@ -180,20 +187,37 @@ def main(argv=None):
               f"{_f(r['final_train_loss'])}  eval {_f(r['final_eval_loss'])}", file=sys.stderr, flush=True)
         return r
 
-    runs = run_jobs(one, specs, args.jobs)
     results = dict(date=str(date.today()), task=args.task,
                    settings=dict(common, lrs=args.lrs, quants={q: QUANTS[q] for q in args.quants},
-                                 methods={m: METHODS[m] for m in args.methods}, optimizer="adamw",
+                                 methods={m: method_config(m) for m in args.methods}, optimizer="adamw",
                                  weight_decay=0.01, clip=1.0, threads=1,
-                                 note="fp32 = quant None: the bfloat16 checkpoint as shipped, computed in float32"),
+                                 note="fp32 = quant None on the bundled bfloat16 checkpoint, computed in float32; "
+                                      "as-is = the model file's own (possibly quantized) weights"),
                    machine=dict(platform=platform.platform(), cpus=os.cpu_count(), python=platform.python_version()),
-                   base=base, runs=runs, total_wall_s=time.perf_counter() - t_all)
-    text = table(results)
-    results["table"] = text
-    print(text)
+                   base=base, runs=[])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2).replace(str(REPO) + "/", ""))   # paths relative to the repo
+    lock = threading.Lock()
+
+    def save():
+        # after every finished run, so a stopped sweep keeps what it measured (paths relative to the repo)
+        results["table"] = table(results)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(results, indent=2).replace(str(REPO) + "/", ""))
+        os.replace(tmp, out)
+
+    def one_saved(spec):
+        r = one(spec)
+        with lock:
+            results["runs"].append(r)
+            save()
+        return r
+
+    runs = run_jobs(one_saved, specs, args.jobs)
+    results["runs"] = runs                      # in the order of the specs, however the jobs finished
+    results["total_wall_s"] = time.perf_counter() - t_all
+    save()
+    print(results["table"])
     print(f"wrote {out}", file=sys.stderr)
 
 

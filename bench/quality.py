@@ -56,9 +56,13 @@ def _method_name(name: str) -> str:
 
 def method_config(name: str) -> dict:
     """A method name -> TrainConfig fields (on top of the common settings):
-    full | badam | lcsb-K<N>[-strided][-frozen|-reset] | lcsb-exact-K<N>[...] | random-<N> | lisa-<N> | freeze-<N>.
+    full | badam | lcsb-K<N>[-strided][-frozen|-reset] | lcsb-exact-K<N>[...] | random-<N> | lisa-<N> | freeze-<N>
+    | topdown-T<k>-P<p> (the top k blocks every step, all every p-th), each with -comp for --compensate.
     LISA switches every 10 steps, BAdam too (their papers' style of schedule)."""
     parts = name.split("-")
+    comp = parts[-1] == "comp" and len(parts) > 1     # any method: --compensate
+    if comp:
+        return dict(method_config("-".join(parts[:-1])), compensate=True)
     head, rest = parts[0], parts[1:]
     if head == "lcsb" and rest[:1] == ["exact"]:
         head, rest = "lcsb-exact", rest[1:]
@@ -77,13 +81,15 @@ def method_config(name: str) -> dict:
                 else:
                     raise ValueError(opt)
             return cfg
+        if head == "topdown" and len(rest) == 2 and rest[0][0] == "T" and rest[1][0] == "P":
+            return dict(method="topdown", active=int(rest[0][1:]), full_every=int(rest[1][1:]))
         if head in ("random", "lisa", "freeze") and len(rest) == 1:
             return dict(method=head, active=int(rest[0]), **({"interval": 10} if head == "lisa" else {}))
     except ValueError:
         pass
     raise argparse.ArgumentTypeError(
         f"unknown method {name!r}: full, badam, lcsb-K<N>[-strided][-frozen|-reset], lcsb-exact-K<N>, "
-        "random-<N>, lisa-<N>, freeze-<N>")
+        "random-<N>, lisa-<N>, freeze-<N>, topdown-T<k>-P<p>, any of them with -comp")
 
 
 DEFAULT_FILE = ASSETS / "train-default.yaml"
@@ -232,6 +238,16 @@ def time_to_reach(curve: list[dict], start_loss: float, target: float, key: str)
     return None
 
 
+def loss_at(curve: list[dict], start_loss: float, when: float, key: str) -> float | None:
+    """The eval loss of a curve after `when` training time, interpolated linearly between eval points
+    (the base model's loss at time 0 first); None past the curve's end."""
+    pts = [(0.0, start_loss)] + [(m[key], m["eval_loss"]) for m in curve]
+    for (t0, l0), (t1, l1) in zip(pts, pts[1:]):
+        if t0 <= when <= t1:
+            return l0 if t1 == t0 else l0 + (l1 - l0) * (when - t0) / (t1 - t0)
+    return None
+
+
 def analyse(results: dict) -> None:
     """Add gap to full and time to full's final eval loss to every row, in place."""
     for task, t in results["tasks"].items():
@@ -240,6 +256,7 @@ def analyse(results: dict) -> None:
         for r in rows.values():
             if full is None:
                 r["gap_pct"] = r["gain_lost_pct"] = r["reach_wall"] = r["reach_cpu"] = None
+                r["cpu_vs_full"] = r["full_at_same_cpu"] = None
                 continue
             target = full["final_eval_loss"]
             r["gap_pct"] = 100.0 * (r["final_eval_loss"] - target) / target
@@ -249,6 +266,9 @@ def analyse(results: dict) -> None:
             r["gain_lost_pct"] = 100.0 * (r["final_eval_loss"] - target) / gain if gain > 0 else None
             r["reach_wall"] = time_to_reach(r["curve"], t["base"]["eval_loss"], target, "train_wall")
             r["reach_cpu"] = time_to_reach(r["curve"], t["base"]["eval_loss"], target, "train_cpu")
+            # the other way round: where full's curve was after the CPU time this method took (equal time)
+            r["cpu_vs_full"] = r["train_cpu"] / full["train_cpu"] if full["train_cpu"] else None
+            r["full_at_same_cpu"] = loss_at(full["curve"], t["base"]["eval_loss"], r["train_cpu"], "train_cpu")
 
 
 def _fmt_metric(task: str, r: dict) -> str:
@@ -263,23 +283,25 @@ def _fmt_metric(task: str, r: dict) -> str:
 
 def table(results: dict) -> str:
     lines = ["| task | method | final eval loss | gap to full | gain lost | metric | train wall s | train CPU s | "
-             "wall to full's loss | CPU to full's loss |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "CPU vs full | full's loss at that CPU time | CPU to full's loss |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for task, t in results["tasks"].items():
         b = t["base"]
-        lines.append(f"| {task} | (base model) | {b['eval_loss']:.4f} | | | {_fmt_metric(task, b)} | | | | |")
+        lines.append(f"| {task} | (base model) | {b['eval_loss']:.4f} | | | {_fmt_metric(task, b)} | | | | | |")
         for name, r in t["methods"].items():
             gap = "" if r.get("gap_pct") is None else f"{r['gap_pct']:+.2f}%"
             lost = "" if r.get("gain_lost_pct") is None else f"{r['gain_lost_pct']:.1f}%"
-            rw = "not reached" if r.get("reach_wall") is None else f"{r['reach_wall']:.1f}"
             rc = "not reached" if r.get("reach_cpu") is None else f"{r['reach_cpu']:.1f}"
+            ratio = "" if r.get("cpu_vs_full") is None else f"{r['cpu_vs_full']:.2f}"
+            same = "" if r.get("full_at_same_cpu") is None else f"{r['full_at_same_cpu']:.4f}"
             lines.append(f"| {task} | {name} | {r['final_eval_loss']:.4f} | {gap} | {lost} | {_fmt_metric(task, r)} | "
-                         f"{r['train_wall']:.1f} | {r['train_cpu']:.1f} | {rw} | {rc} |")
+                         f"{r['train_wall']:.1f} | {r['train_cpu']:.1f} | {ratio} | {same} | {rc} |")
     names = {"domain": "eval perplexity (valid)", "chat": "exact match (test)", "classify": "label accuracy (test)"}
     lines.append("")
     lines.append("metric: " + "; ".join(f"{k}: {names[k]}" for k in results["tasks"]) +
                  ". gain lost: the share of full's improvement over the base model's eval loss that the method "
-                 "does not get")
+                 "does not get. full's loss at that CPU time: full's eval-loss curve read at the method's train CPU "
+                 "time (equal time); below the method's own final loss means full was ahead at equal time")
     return "\n".join(lines)
 
 

@@ -59,10 +59,10 @@ def exact(r, tol=1e-5):
     return abs(r["cosine"] - 1) < tol and abs(r["rel_norm"] - 1) < tol
 
 
-def test_full_and_lcsb_exact_are_exact(rows):
+def test_full_lcsb_exact_and_topdown_are_exact(rows):
     m = by_method(rows)
-    for name in ("full", f"lcsb-exact K={N}"):
-        assert sorted(r["block"] for r in m[name] if r["block"] != "all") == list(range(N))
+    for name in ("full", f"lcsb-exact K={N}", "topdown top 1, all every 4"):
+        assert sorted({r["block"] for r in m[name] if r["block"] != "all"}) == list(range(N))
         assert all(exact(r) for r in m[name]), m[name]
 
 
@@ -164,3 +164,17 @@ def test_format_table(rows):
     assert full[-5:] == ["1.0000"] * 5
     detail = format_table(rows, detail=True)
     assert sum(l.lstrip().startswith("block ") for l in detail.splitlines()) == sum(r["block"] != "all" for r in rows)
+
+
+def test_cli_writes_the_rows_as_json(tiny4, chat_data, tmp_path, capsys):
+    import json
+    from lcsb.cli import main
+    out = tmp_path / "fidelity.json"
+    assert main(["bench", "fidelity", "--model", str(tiny4), "--data", str(chat_data), "--batches", "1",
+                 "--rank", "4", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["method"] for r in rows} == set(default_selections(4))
+    assert all(r["method"] in printed for r in rows)
+    top = [r for r in rows if r["method"] == "topdown top 1, all every 4" and r["block"] != "all"]
+    assert sorted(r["block"] for r in top) == [0, 1, 2, 3, 3] and all(exact(r, 1e-4) for r in top)

@@ -359,3 +359,52 @@ def test_clip_grad_norm_clips_global_norm():
 
 def test_clip_grad_norm_without_gradients():
     assert clip_grad_norm([torch.nn.Parameter(torch.zeros(3))], 1.0) == 0.0
+
+
+# ---- per-block learning-rate factors (--compensate) ---------------------------------------------
+
+@pytest.mark.parametrize("kind, momentum", KINDS)
+def test_lr_scales_match_torch_param_groups(kind, momentum):
+    """A block's factor is its own lr: torch.optim with one param group per block at lr * factor, fed
+    zero gradients for idle blocks (the momentum policy), bit for bit."""
+    scales = [1.0, 2.0, 0.5, 3.0]
+    blocks = make_blocks(5)
+    ref_blocks = [[p.detach().clone().requires_grad_(True) for p in b] for b in blocks]
+    groups = [dict(params=b, lr=LR * s) for b, s in zip(ref_blocks, scales)]
+    ref = (torch.optim.AdamW(groups, lr=LR, weight_decay=WD) if kind == "adamw" else
+           torch.optim.SGD(groups, lr=LR, momentum=momentum, weight_decay=WD))
+    opt = BlockOptimizer(blocks, lr=LR, kind=kind, weight_decay=WD, momentum=momentum, lr_scales=scales)
+    gen = torch.Generator().manual_seed(6)
+    for trained in TRAINED:
+        grads = make_grads(blocks, trained, gen)
+        set_grads(blocks, grads)
+        for rb, gs in zip(ref_blocks, grads):
+            for p, g in zip(rb, gs):
+                p.grad = torch.zeros_like(p) if g is None else g.clone()
+        opt.step(trained)
+        ref.step()
+    for p, q in zip(flat(blocks), flat(ref_blocks)):
+        assert torch.equal(p.detach(), q.detach())
+
+
+@pytest.mark.parametrize("inactive, every", [("momentum", 4), ("momentum", 8), ("frozen", 4)])
+def test_compensated_rare_block_moves_as_far_as_an_every_step_one(inactive, every):
+    """The claim behind --compensate: a parameter with a steady gradient, trained every `every`-th step,
+    moves about sqrt(1/every) (momentum) or 1/every (frozen) as far as one trained every step; with
+    Selection.lr_scales' factor it moves as far (within 5%), without it it does not."""
+    from lcsb.engine.selection import Selection
+    steps, lr = 400, 1e-3
+    scale = Selection("topdown", active=1, full_every=every).lr_scales(2, inactive)[0]
+
+    def distance(every_n, factor):
+        p = torch.nn.Parameter(torch.zeros(8))
+        opt = BlockOptimizer([[p]], lr=lr, weight_decay=0.0, inactive=inactive, lr_scales=[factor])
+        g = torch.linspace(0.5, 2.0, 8)          # steady, of differing size per coordinate (Adam normalises)
+        for t in range(steps):
+            p.grad = g.clone() if t % every_n == 0 else None
+            opt.step({0} if t % every_n == 0 else set())
+        return float(p.detach().abs().mean())
+
+    full = distance(1, 1.0)
+    assert abs(distance(every, scale) / full - 1) < 0.05
+    assert distance(every, 1.0) / full < 0.6

@@ -226,3 +226,52 @@ def test_validate_accepts_edges():
     Selection("random", active=4).validate(4)
     Selection("freeze", active=1).validate(1)
     Selection("lcsb", groups=1).validate(1)
+
+
+# ---- topdown (ours) ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("every", [1, 2, 5])
+def test_topdown_top_k_every_step_all_every_nth(every):
+    for n, k in cases():
+        sel = Selection("topdown", active=k, full_every=every).validate(n)
+        for t in range(3 * every + 1):
+            low = 0 if t % every == 0 else n - k
+            # exact gradients everywhere it trains: nothing above a trained block is skipped or left out
+            assert sel.roles(t, n) == ["skip"] * low + ["train"] * (n - low), (n, k, every, t)
+
+
+@pytest.mark.parametrize("sel, n", [
+    (Selection("topdown", active=0), 4),
+    (Selection("topdown", active=5), 4),
+    (Selection("topdown", active=2, full_every=0), 4),
+])
+def test_validate_rejects_topdown(sel, n):
+    with pytest.raises(UserError):
+        sel.validate(n)
+
+
+TRAINED_SOMETIMES = [
+    dict(method="full"), dict(method="freeze", active=3), dict(method="lcsb", groups=4),
+    dict(method="lcsb", groups=3, grouping="strided", interval=2), dict(method="lcsb-exact", groups=5),
+    dict(method="topdown", active=3, full_every=4), dict(method="topdown", active=11, full_every=3),
+    dict(method="random", active=3), dict(method="lisa", active=2, interval=3), dict(method="badam", interval=2),
+]
+
+
+@pytest.mark.parametrize("kw", TRAINED_SOMETIMES, ids=lambda kw: "-".join(map(str, kw.values())))
+def test_train_frequency_is_the_share_of_steps_trained(kw):
+    n, steps = 11, 6600          # a multiple of every cycle here; the random methods within sampling error
+    sel = Selection(seed=2, **kw).validate(n)
+    count = Counter(b for t in range(steps) for b in sel.trained(t, n))
+    tol = 0.03 if kw["method"] in ("random", "lisa", "badam") else 1e-12
+    for b, f in enumerate(sel.train_frequency(n)):
+        assert abs(count[b] / steps - f) <= tol, (b, count[b] / steps, f)
+
+
+def test_lr_scales_inverse_sqrt_share_with_momentum_inverse_share_otherwise():
+    n = 10
+    sel = Selection("topdown", active=2, full_every=4).validate(n)
+    assert sel.lr_scales(n, "momentum") == [2.0] * 8 + [1.0] * 2
+    assert sel.lr_scales(n, "frozen") == [4.0] * 8 + [1.0] * 2
+    assert Selection("freeze", active=3).lr_scales(n, "momentum") == [1.0] * n   # never trained: untouched
+    assert Selection("full").lr_scales(n, "reset") == [1.0] * n

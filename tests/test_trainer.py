@@ -355,3 +355,24 @@ def test_first_run_default_model(monkeypatch, tmp_path, capsys):
     # a model or data given: no bundled settings
     cfg = trainer.resolve(trainer.TrainConfig(model=str(fake), out=str(tmp_path)))
     assert cfg.steps is None and cfg.preview == 0
+
+
+def test_topdown_through_the_cli_and_its_compensation(tiny4, chat_data, tmp_path):
+    """`--method topdown --active 1 --full-every 4`: the log trains every block at steps 1 and 5 and the
+    top one in between; `--compensate` doubles the lower blocks' learning rate (1/sqrt(1/4)) and leaves
+    the top block's: after one step (AdamW's first update is lr * sign(g)), the lower blocks' LoRA B moved
+    twice as far as without it, the top block's as far."""
+    common = ("train", "--model", tiny4, "--data", chat_data, "--method", "topdown", "--active", 1,
+              "--full-every", 4, "--rank", 4, "--lr", 1e-3, "--batch-size", 2, "--save-every", 0)
+    assert run(*common, "--steps", 6, "--out", tmp_path / "a") == 0
+    steps, _ = read_log(tmp_path / "a")
+    assert [s["trained"] for s in steps] == [[0, 1, 2, 3], [3], [3], [3], [0, 1, 2, 3], [3]]
+    moved = {}
+    for comp in (False, True):
+        out = tmp_path / f"one-{comp}"
+        assert run(*common, "--steps", 1, "--out", out, *(["--compensate"] if comp else [])) == 0
+        w = load_file(out / "adapter_model.safetensors")
+        moved[comp] = {i: float(w[f"base_model.model.model.layers.{i}.mlp.down_proj.lora_B.weight"].abs().mean())
+                       for i in range(4)}
+    for i in range(4):
+        assert moved[True][i] / moved[False][i] == pytest.approx(1.0 if i == 3 else 2.0, rel=1e-3), i

@@ -72,7 +72,7 @@ def check_ranges(cfg: TrainConfig):
         raise UserError(f"--dropout must be in [0, 1), got {cfg.dropout}")
     if not 0 <= cfg.momentum < 1:
         raise UserError(f"--momentum must be in [0, 1), got {cfg.momentum}")
-    for name in ("groups", "interval", "log_every"):
+    for name in ("groups", "interval", "full_every", "log_every"):
         if getattr(cfg, name) < 1:
             raise UserError(f"{_flag(name)} must be at least 1, got {getattr(cfg, name)}")
     if cfg.active is not None and cfg.active < 1:
@@ -112,7 +112,7 @@ def check_fit(cfg: TrainConfig, mcfg, selection_cls) -> tuple[object, LoraConfig
                             f"{cfg.quant} groups run along every weight's input; use --group-size "
                             f"{' or '.join(map(str, ok)) if ok else 'of a divisor'} or --quant int8")
     selection = selection_cls(cfg.method, cfg.groups, cfg.grouping, cfg.interval, cfg.active, cfg.order,
-                              cfg.seed).validate(n)
+                              cfg.seed, cfg.full_every).validate(n)
     if cfg.adapter:
         from .lora import check_adapter
         return selection, check_adapter(cfg.adapter, mcfg, cfg.model)

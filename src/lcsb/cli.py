@@ -31,6 +31,7 @@ from pathlib import Path
 import yaml
 
 from . import __version__, load_config, load_model
+from .atomic import write_atomic
 from .config import LoraConfig, TrainConfig
 from .errors import UserError
 from .runtime import install_allocator, tune_malloc
@@ -342,6 +343,7 @@ def _bench_fidelity(argv) -> int:
     p.add_argument("--quant", choices=FORMATS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--detail", action="store_true", help="one line per block")
+    p.add_argument("--json", metavar="FILE", help="also write every row (method, step, block, cosine, rel_norm) here")
     a = p.parse_args(argv)
     tok = load_tokenizer(a.model)
     splits = load_dataset(a.data, tok, max_seq_len=a.max_seq_len)
@@ -356,6 +358,10 @@ def _bench_fidelity(argv) -> int:
     data = list(batches(splits.train, a.batch_size, a.seed, 0, pad_token_id=tok.pad_token_id))[:a.batches]
     rows = fidelity(model, data, default_selections(model.config.num_layers, a.seed))
     print(format_table(rows, detail=a.detail))
+    if a.json:
+        settings = {k: v for k, v in vars(a).items() if k not in ("json", "detail")}
+        text = json.dumps(dict(settings=settings, rows=rows), indent=2)
+        write_atomic(a.json, lambda tmp: Path(tmp).write_text(text))
     return 0
 
 

@@ -219,15 +219,19 @@ class TrainConfig:
                            "(default: the bundled chat task)")
     out: str = _opt(None, "run folder for the adapter, logs and checkpoints (default: runs/<method>-<time>)")
     # selection (DESIGN section 4)
-    method: str = _opt("lcsb", "selection method", choices=("full", "lcsb", "lcsb-exact", "random", "lisa", "badam", "freeze"))
+    method: str = _opt("lcsb", "selection method", choices=("full", "lcsb", "lcsb-exact", "random", "lisa", "badam", "freeze", "topdown"))
     groups: int = _opt(4, "lcsb: number of layer groups K; group (step // interval) mod K is trained")
     grouping: str = _opt("contiguous", "lcsb: how layers form groups", choices=("contiguous", "strided"))
     interval: int = _opt(1, "steps between selection switches (lcsb, lisa, badam)")
-    active: int = _opt(None, "random/lisa/freeze: number of trained blocks (default: a quarter of the layers)")
+    active: int = _opt(None, "random/lisa/freeze/topdown: number of trained blocks (topdown: the top ones, every step; "
+                             "default: a quarter of the layers)")
+    full_every: int = _opt(4, "topdown: every N-th step trains every block")
     order: str = _opt("ascending", "badam: block order", choices=("ascending", "descending", "random"))
     inactive: str = _opt(None, "untrained blocks' LoRA: momentum (zero-grad AdamW step), frozen, reset (fresh "
                                "optimizer state on re-activation; default: reset for lisa and badam, as their papers, "
                                "momentum otherwise)", choices=("momentum", "frozen", "reset"))
+    compensate: bool = _opt(False, "scale each block's learning rate by how rarely the method trains it (1/sqrt(share) "
+                                   "with --inactive momentum, 1/share otherwise), so it moves as far as under full backprop")
     # the engine (DESIGN section 3)
     quant: str = _opt(None, "compress base weights on load (default: keep the checkpoint's)", choices=("int8", "int4", "nf4"))
     group_size: int = _opt(64, "int4/nf4 group size (32, 64, 128)")

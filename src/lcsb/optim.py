@@ -49,7 +49,7 @@ class BlockOptimizer:
 
     def __init__(self, blocks: list[list[torch.nn.Parameter]], lr: float, kind: str = "adamw",
                  weight_decay: float = 0.01, betas=(0.9, 0.999), eps: float = 1e-8, momentum: float = 0.0,
-                 inactive: str = "momentum"):
+                 inactive: str = "momentum", lr_scales: list[float] | None = None):
         if lr <= 0:
             raise UserError(f"--lr must be positive, got {lr}")
         if inactive not in INACTIVE:
@@ -57,6 +57,10 @@ class BlockOptimizer:
         if kind not in ("adamw", "sgd"):
             raise UserError(f"unknown optimizer {kind!r}: choose adamw or sgd")
         self.blocks, self.inactive, self.kind = blocks, inactive, kind
+        # per block, a factor on the learning rate (selection.lr_scales with --compensate); 1 by default
+        self.lr_scales = list(lr_scales) if lr_scales is not None else [1.0] * len(blocks)
+        if len(self.lr_scales) != len(blocks):
+            raise ValueError(f"lr_scales has {len(self.lr_scales)} values for {len(blocks)} blocks")
         self.params = [p for b in blocks for p in b]
         self.base_lr = self.lr = lr
         self.weight_decay, self.betas, self.eps, self.momentum = weight_decay, tuple(betas), eps, momentum
@@ -76,15 +80,15 @@ class BlockOptimizer:
                     for p in params:
                         self.state.pop(p, None)
                 for p in params:
-                    self._update(p, p.grad)      # a trained block without a gradient steps with zero
+                    self._update(p, p.grad, self.lr_scales[b])   # a trained block without a gradient steps with zero
             elif self.inactive == "momentum":
                 for p in params:
-                    self._update(p, None)
+                    self._update(p, None, self.lr_scales[b])
         self.last_trained = set(trained)
 
-    def _update(self, p, g):
+    def _update(self, p, g, scale: float = 1.0):
         st = self.state.get(p)
-        lr, wd = self.lr, self.weight_decay
+        lr, wd = self.lr * scale if scale != 1.0 else self.lr, self.weight_decay
         if self.kind == "sgd":
             if wd:
                 g = p.mul(wd) if g is None else g.add(p, alpha=wd)

@@ -41,6 +41,7 @@ def default_selections(n: int, seed: int = 0) -> dict[str, Selection]:
         f"lisa k={k2}": Selection("lisa", active=k2, seed=seed),
         "badam": Selection("badam"),
         f"freeze {quarter}": Selection("freeze", active=quarter),
+        f"topdown top {quarter}, all every 4": Selection("topdown", active=quarter, full_every=4),
     }
 
 
@@ -48,6 +49,8 @@ def _steps(sel: Selection, step: int) -> list[int]:
     # lcsb trains one group per interval: evaluate the K groups in turn so every block is covered
     if sel.method in ("lcsb", "lcsb-exact"):
         return [step + j * sel.interval for j in range(sel.groups)]
+    if sel.method == "topdown":      # a step that trains every block and one that trains the top ones
+        return [step - step % sel.full_every, step - step % sel.full_every + 1] if sel.full_every > 1 else [step]
     return [step]
 
 
@@ -79,8 +82,8 @@ def fidelity(model, batches: list[tuple[torch.Tensor, torch.Tensor]], selections
         model: a CausalLM with LoRA adapters (B non-zero, see the module note).
         batches: (input_ids [B, S], labels [B, S]) pairs; gradients are averaged over them.
         selections: {name: Selection}; default `default_selections(n)`. lcsb and lcsb-exact are
-            evaluated at steps step, step + interval, ... (each of their K groups once), the other
-            methods at `step`.
+            evaluated at steps step, step + interval, ... (each of their K groups once), topdown at
+            a step that trains every block and the one after it, the other methods at `step`.
         step: the step whose roles are used.
         seed: RNG seed for LoRA dropout, the same for the method and the exact run.
 
