@@ -164,7 +164,8 @@ def main(argv=None):
         print("RESULT" + json.dumps(_base(json.loads(args._base))))
         return
 
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    # the pid too: two benchmarks started in the same second must not share run folders
+    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     for m in args.methods:
         method_config(m)                           # an unknown name stops here, before any run
     common = dict(model=args.model, data=str(ASSETS / "data" / args.task), steps=args.steps,

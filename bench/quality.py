@@ -402,7 +402,8 @@ def main(argv=None):
     settings = dict(model=args.model, steps=args.steps, seed=args.seed, eval_every=eval_every,
                     eval_batches=args.eval_batches, test_limit=args.test_limit, jobs=args.jobs, common=common, threads=1,
                     methods={m: method_config(m) for m in args.methods})
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    # the pid too: two benchmarks started in the same second must not share run folders
+    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     specs, bases = [], []
     for task in args.tasks:
         cfg = dict(model=args.model, data=str(ASSETS / "data" / task), steps=args.steps, seed=args.seed,

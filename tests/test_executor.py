@@ -30,6 +30,7 @@ import torch.nn.functional as F
 import hf
 import lcsb
 from lcsb.engine import executor
+from lcsb.engine.selection import Selection
 from lcsb.model import core
 from lcsb.model.core import Embedding, Linear
 from lcsb.quant import formats
@@ -238,6 +239,22 @@ def test_roles_match_surrogate(zoo, family, roles, seed):
         _, exact = peft_oracle(oracle, ids, labels)
         for k in grads:
             assert rel(grads[k], exact[k]) < TOL, k
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_topdown_gradients_are_the_exact_ones(zoo, family, seed):
+    """Every block topdown trains, at a step that trains the top ones and at one that trains all, gets
+    transformers + PEFT's exact gradient of the whole model (nothing above it is skipped)."""
+    ours = zoo.ours(family)
+    _, _, oracle = zoo.setup(family)
+    ids, labels = batch(seed)
+    _, exact = peft_oracle(oracle, ids, labels)
+    sel = Selection("topdown", active=2, full_every=2).validate(N)
+    for step in (0, 1):
+        roles = sel.roles(step, N)
+        assert roles.count("train") == (N if step == 0 else 2)
+        _, grads = lcsb.lora_gradients(ours, ids, labels, roles)
+        check_grads(grads, exact, roles, TOL, ours.lora_parameters())
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])

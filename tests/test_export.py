@@ -156,7 +156,7 @@ def test_peft_adapter_trains_in_lcsb(tiny4, chat_data, tmp_path):
 
     out = tmp_path / "run"
     res = train(TrainConfig(model=str(tiny4), data=str(chat_data), out=str(out), adapter=str(made), steps=3,
-                            lr=1e-2, batch_size=2, save_every=0), quiet=True)
+                            lr=1e-2, batch_size=2, save_every=0, method="lcsb", groups=4), quiet=True)
     first = json.loads((out / "log.jsonl").read_text().splitlines()[0])
     assert first["step"] == 1 and first["trained"] == [0]       # lcsb, K=4: block 0 first
     assert first["loss"] == pytest.approx(expected, rel=1e-5)

@@ -63,7 +63,7 @@ from lcsb.lora import save_adapter
 from lcsb.model import load_model
 
 STEPS, SAVE_EVERY = 12, 2
-SETTINGS = ["--steps", STEPS, "--save-every", SAVE_EVERY, "--groups", 2, "--dropout", 0.1, "--batch-size", 2,
+SETTINGS = ["--steps", STEPS, "--save-every", SAVE_EVERY, "--method", "lcsb", "--groups", 2, "--dropout", 0.1, "--batch-size", 2,
             "--lr", 1e-2, "--rank", 4, "--alpha", 8, "--targets", "q_proj", "v_proj", "--keep-checkpoints", 2,
             "--eval-batches", 2, "--log-every", 100]
 
@@ -328,7 +328,7 @@ def test_bad_input(case, tmp_path, model2, tiny4, chat_data, capsys):
 
 
 OPTIONS = [
-    (["--groups", 3], "--groups 3", "2 layers"),
+    (["--method", "lcsb", "--groups", 3], "--groups 3", "2 layers"),
     (["--method", "random", "--active", 3], "--active 3", "2 layers"),
     (["--rank", 0], "--rank", "positive"),
     (["--lr", 0], "--lr", "positive"),

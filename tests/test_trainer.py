@@ -30,7 +30,7 @@ from lcsb.evaluate import evaluate_data
 from lcsb.optim import schedule_factor
 
 STEPS, GRAD_ACCUM, SAVE_EVERY = 30, 2, 5
-COMMON = ["--steps", STEPS, "--save-every", SAVE_EVERY, "--eval-every", 10, "--groups", 2, "--dropout", 0.1,
+COMMON = ["--steps", STEPS, "--save-every", SAVE_EVERY, "--eval-every", 10, "--method", "lcsb", "--groups", 2, "--dropout", 0.1,
           "--batch-size", 2, "--grad-accum", GRAD_ACCUM, "--lr", 1e-2, "--rank", 4, "--alpha", 8,
           "--targets", "q_proj", "v_proj", "--schedule", "cosine", "--warmup", 3,
           "--keep-checkpoints", 2, "--log-every", 10]

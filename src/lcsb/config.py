@@ -219,7 +219,8 @@ class TrainConfig:
                            "(default: the bundled chat task)")
     out: str = _opt(None, "run folder for the adapter, logs and checkpoints (default: runs/<method>-<time>)")
     # selection (DESIGN section 4)
-    method: str = _opt("lcsb", "selection method", choices=("full", "lcsb", "lcsb-exact", "random", "lisa", "badam", "freeze", "topdown"))
+    method: str = _opt("full", "selection method (full: what the measurements on real models support; README "
+                               "\"Quality on a real model\")", choices=("full", "lcsb", "lcsb-exact", "random", "lisa", "badam", "freeze", "topdown"))
     groups: int = _opt(4, "lcsb: number of layer groups K; group (step // interval) mod K is trained")
     grouping: str = _opt("contiguous", "lcsb: how layers form groups", choices=("contiguous", "strided"))
     interval: int = _opt(1, "steps between selection switches (lcsb, lisa, badam)")
