@@ -321,11 +321,11 @@ def plot(results: dict, path: Path) -> bool:
             style = dict(lw=2.2, color="black") if name == "full" else \
                 dict(lw=2.0) if name == "lcsb-K4" else dict(lw=1.0, alpha=0.85)
             steps = [0] + [m["step"] for m in r["curve"]]
-            wall = [0.0] + [m["train_wall"] for m in r["curve"]]
+            cpu = [0.0] + [m["train_cpu"] for m in r["curve"]]     # CPU time: steadier than wall on a shared machine
             loss = [base] + [m["eval_loss"] for m in r["curve"]]
             axes[0][j].plot(steps, loss, marker=".", label=name, **style)
-            axes[1][j].plot(wall, loss, marker=".", label=name, **style)
-        for i, xl in enumerate(("step", "training wall time (s)")):
+            axes[1][j].plot(cpu, loss, marker=".", label=name, **style)
+        for i, xl in enumerate(("step", "training CPU time (s, one thread)")):
             ax = axes[i][j]
             if "full" in t["methods"]:
                 ax.axhline(t["methods"]["full"]["final_eval_loss"], color="grey", ls=":", lw=1)

@@ -387,18 +387,19 @@ def test_lr_scales_match_torch_param_groups(kind, momentum):
         assert torch.equal(p.detach(), q.detach())
 
 
-@pytest.mark.parametrize("inactive, every", [("momentum", 4), ("momentum", 8), ("frozen", 4)])
-def test_compensated_rare_block_moves_as_far_as_an_every_step_one(inactive, every):
+@pytest.mark.parametrize("kind, inactive, every", [("adamw", "momentum", 4), ("adamw", "momentum", 8),
+                                                   ("adamw", "frozen", 4), ("sgd", "momentum", 4)])
+def test_compensated_rare_block_moves_as_far_as_an_every_step_one(kind, inactive, every):
     """The claim behind --compensate: a parameter with a steady gradient, trained every `every`-th step,
-    moves about sqrt(1/every) (momentum) or 1/every (frozen) as far as one trained every step; with
-    Selection.lr_scales' factor it moves as far (within 5%), without it it does not."""
+    moves about sqrt(1/every) (AdamW, momentum) or 1/every (AdamW frozen; SGD) as far as one trained every
+    step; with Selection.lr_scales' factor it moves as far (within 5%), without it it does not."""
     from lcsb.engine.selection import Selection
     steps, lr = 400, 1e-3
-    scale = Selection("topdown", active=1, full_every=every).lr_scales(2, inactive)[0]
+    scale = Selection("topdown", active=1, full_every=every).lr_scales(2, inactive, kind)[0]
 
     def distance(every_n, factor):
         p = torch.nn.Parameter(torch.zeros(8))
-        opt = BlockOptimizer([[p]], lr=lr, weight_decay=0.0, inactive=inactive, lr_scales=[factor])
+        opt = BlockOptimizer([[p]], lr=lr, kind=kind, weight_decay=0.0, inactive=inactive, lr_scales=[factor])
         g = torch.linspace(0.5, 2.0, 8)          # steady, of differing size per coordinate (Adam normalises)
         for t in range(steps):
             p.grad = g.clone() if t % every_n == 0 else None

@@ -275,3 +275,4 @@ def test_lr_scales_inverse_sqrt_share_with_momentum_inverse_share_otherwise():
     assert sel.lr_scales(n, "frozen") == [4.0] * 8 + [1.0] * 2
     assert Selection("freeze", active=3).lr_scales(n, "momentum") == [1.0] * n   # never trained: untouched
     assert Selection("full").lr_scales(n, "reset") == [1.0] * n
+    assert sel.lr_scales(n, "momentum", "sgd") == [4.0] * 8 + [1.0] * 2          # SGD: each gradient, one push

@@ -232,7 +232,8 @@ class TrainConfig:
                                "optimizer state on re-activation; default: reset for lisa and badam, as their papers, "
                                "momentum otherwise)", choices=("momentum", "frozen", "reset"))
     compensate: bool = _opt(False, "scale each block's learning rate by how rarely the method trains it (1/sqrt(share) "
-                                   "with --inactive momentum, 1/share otherwise), so it moves as far as under full backprop")
+                                   "for adamw with --inactive momentum, 1/share otherwise), so it moves as far as under "
+                                   "full backprop")
     # the engine (DESIGN section 3)
     quant: str = _opt(None, "compress base weights on load (default: keep the checkpoint's)", choices=("int8", "int4", "nf4"))
     group_size: int = _opt(64, "int4/nf4 group size (32, 64, 128)")

@@ -411,7 +411,7 @@ def train(cfg: TrainConfig, sources: dict[str, str] | None = None, quiet: bool =
         say("note: --inactive reset is LISA's and BAdam's behaviour; it applies to any method but was designed for them")
     blocks = [block_lora_params(b) for b in model.model.layers]
     opt = BlockOptimizer(blocks, cfg.lr, cfg.optimizer, cfg.weight_decay, momentum=cfg.momentum,
-                         inactive=cfg.inactive, lr_scales=selection.lr_scales(n, cfg.inactive) if cfg.compensate else None)
+                         inactive=cfg.inactive, lr_scales=selection.lr_scales(n, cfg.inactive, cfg.optimizer) if cfg.compensate else None)
     micro_per_epoch = math.ceil(len(train_set) / (cfg.batch_size * ddp.size))   # global micro-batches
     total = cfg.steps or max(1, int(cfg.epochs * micro_per_epoch / cfg.grad_accum))
     if model.lora_config.dropout > 0:    # the adapter's own dropout when one is loaded, not --dropout

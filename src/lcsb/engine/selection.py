@@ -17,14 +17,15 @@ rank of a distributed run pick the same blocks without talking to each other.
 `topdown` is ours. Every block it visits it trains, and it never skips a block above one it
 trains, so every gradient it computes is exact (no residual-identity surrogate, whose bias made
 LCSB lose most of full's gain on a 30-layer pretrained model). It saves time by how deep the
-backward goes: the top blocks, where most of a fine-tune's adaptation happens cheaply, every step;
-the whole stack every `full_every`-th step.
+backward goes: down to the top k blocks on most steps, through the whole stack every
+`full_every`-th step.
 
 `train_frequency` is the share of steps each block is trained. AdamW moves a parameter trained on
 a share f of the steps, and stepped with zero gradients in between (`--inactive momentum`), about
 sqrt(f) as far as one trained every step (its second moment averages over the steps without a
-gradient), and f as far when frozen in between; `--compensate` scales such a block's learning rate
-by the inverse (optim.BlockOptimizer), so every block moves at full backprop's pace.
+gradient), and f as far when frozen in between; SGD moves it f as far either way (each gradient
+adds the same displacement). `--compensate` scales such a block's learning rate by the inverse
+(optim.BlockOptimizer), so every block moves at full backprop's pace.
 """
 
 from __future__ import annotations
@@ -138,9 +139,9 @@ class Selection:
                 counts[i] += 1
         return [c / cycle for c in counts]
 
-    def lr_scales(self, n: int, inactive: str) -> list[float]:
-        """Per block, the learning-rate factor under which AdamW moves it as far per step as full
-        backprop would: 1 / sqrt(f) with `momentum` between its trained steps, 1 / f when `frozen` or
-        `reset` (f = train_frequency; 1 for a block never trained)."""
-        power = 0.5 if inactive == "momentum" else 1.0
+    def lr_scales(self, n: int, inactive: str, optimizer: str = "adamw") -> list[float]:
+        """Per block, the learning-rate factor under which the optimizer moves it as far per step as
+        full backprop would: 1 / sqrt(f) for AdamW with `momentum` between its trained steps, 1 / f
+        for AdamW `frozen` or `reset` and for SGD (f = train_frequency; 1 for a block never trained)."""
+        power = 0.5 if optimizer == "adamw" and inactive == "momentum" else 1.0
         return [1.0 if f == 0 else f ** -power for f in self.train_frequency(n)]
