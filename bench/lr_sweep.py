@@ -35,7 +35,7 @@ from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from quality import method_config, one_thread_subprocess, run_jobs  # noqa: E402
+from quality import method_config, one_thread_subprocess, run_jobs, write_results  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / "assets"
@@ -203,9 +203,7 @@ def main(argv=None):
     def save():
         # after every finished run, so a stopped sweep keeps what it measured (paths relative to the repo)
         results["table"] = table(results)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(results, indent=2).replace(str(REPO) + "/", ""))
-        os.replace(tmp, out)
+        write_results(out, results)
 
     def one_saved(spec):
         r = one(spec)

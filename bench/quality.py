@@ -60,8 +60,7 @@ def method_config(name: str) -> dict:
     | topdown-T<k>-P<p> (the top k blocks every step, all every p-th), each with -comp for --compensate.
     LISA switches every 10 steps, BAdam too (their papers' style of schedule)."""
     parts = name.split("-")
-    comp = parts[-1] == "comp" and len(parts) > 1     # any method: --compensate
-    if comp:
+    if len(parts) > 1 and parts[-1] == "comp":        # any method: --compensate
         return dict(method_config("-".join(parts[:-1])), compensate=True)
     head, rest = parts[0], parts[1:]
     if head == "lcsb" and rest[:1] == ["exact"]:
@@ -208,6 +207,13 @@ def one_thread_subprocess(script: str, kind: str, spec: dict, what: str) -> dict
         if line.startswith("RESULT"):
             return json.loads(line[len("RESULT"):])
     raise RuntimeError(f"{what} failed:\n{p.stderr[-3000:]}")
+
+
+def write_results(out: Path, results: dict) -> None:
+    """The results as JSON, written atomically, with paths relative to the repository."""
+    from lcsb.atomic import write_atomic
+    text = json.dumps(results, indent=2).replace(str(REPO) + "/", "")
+    write_atomic(out, lambda tmp: Path(tmp).write_text(text))
 
 
 def run_jobs(one, specs: list, jobs: int) -> list:
@@ -440,9 +446,7 @@ def main(argv=None):
     def save():
         # after every finished run, so a stopped benchmark keeps what it measured (paths relative to the repo)
         with lock:
-            tmp = out.with_name(out.name + ".tmp")
-            tmp.write_text(json.dumps(results, indent=2).replace(str(REPO) + "/", ""))
-            os.replace(tmp, out)
+            write_results(out, results)
 
     t_all = time.perf_counter()
     for b in bases:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 
 from hf import make
 from lcsb import LoraConfig, load_model, lora_gradients
+from lcsb.cli import main
 from lcsb.engine.fidelity import default_selections, fidelity, format_table
 from lcsb.engine.selection import Selection
 
@@ -167,8 +169,6 @@ def test_format_table(rows):
 
 
 def test_cli_writes_the_rows_as_json(tiny4, chat_data, tmp_path, capsys):
-    import json
-    from lcsb.cli import main
     out = tmp_path / "fidelity.json"
     assert main(["bench", "fidelity", "--model", str(tiny4), "--data", str(chat_data), "--batches", "1",
                  "--rank", "4", "--json", str(out)]) == 0
