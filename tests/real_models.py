@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lcsb.trainer import real_default_model
+from lcsb.settings import real_default_model
 
 
 def smollm2() -> Path | None:

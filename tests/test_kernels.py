@@ -75,6 +75,23 @@ def test_kernel_skips_what_it_does_not_do():
     assert not kernels.dequantize("int4", w.packed.t(), w.scales, w.biases, torch.empty(64, 32), 64)
 
 
+@pytest.mark.parametrize("fmt", ["int4", "nf4", "int8"])
+def test_kernel_refuses_buffers_of_the_wrong_size(fmt):
+    """The C code reads rows x cols worth of each buffer: one that is a row short (or a group size that does
+    not divide the row) is refused before the call instead of read past its end."""
+    w = quantize(torch.randn(16, 128), fmt, 64)
+    q, s, b = {"int8": lambda: (w.q, w.scale, None), "int4": lambda: (w.packed, w.scales, w.biases),
+               "nf4": lambda: (w.packed, w.absmax, NF4_CODE)}[fmt]()
+    assert kernels.dequantize(fmt, q, s, b, torch.empty(16, 128), 64)            # the right sizes work
+    with pytest.raises(ValueError, match="q holds .* bytes, the kernel would read"):
+        kernels.dequantize(fmt, q[:15].contiguous(), s, b, torch.empty(16, 128), 64)
+    with pytest.raises(ValueError, match="s holds .* bytes"):
+        kernels.dequantize(fmt, q, s[:15].contiguous(), b, torch.empty(16, 128), 64)
+    if fmt != "int8":
+        with pytest.raises(ValueError, match="group 48 must be even and divide cols 128"):
+            kernels.dequantize(fmt, q, s, b, torch.empty(16, 128), 48)
+
+
 def test_a_broken_compiler_falls_back_with_one_warning(tmp_path):
     code = ("import warnings, torch; from lcsb.quant import kernels; from lcsb.quant.formats import quantize;"
             "warnings.simplefilter('error');\n"

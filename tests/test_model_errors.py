@@ -138,6 +138,14 @@ def test_bad_field_value(copy, value):
     _refused(d, cfg, "'hidden_size'", "positive integer")
 
 
+@pytest.mark.parametrize("value", [0, -2, "2"])
+def test_bad_num_key_value_heads(copy, value):
+    """An optional field, once present, is checked as a required one (0 once divided by zero)."""
+    d = copy()
+    cfg = _edit_config(d, num_key_value_heads=value)
+    _refused(d, cfg, "'num_key_value_heads'", "positive integer")
+
+
 ROPE_REFUSED = {
     "llama-dynamic": ("llama", "dynamic", dict(rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0, factor=2.0))),
     "llama-yarn-old-format": ("llama", "yarn", dict(rope_parameters=None, rope_theta=10000.0,

@@ -56,7 +56,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import tiny
-from lcsb import trainer
+from lcsb import runstate, trainer
 from lcsb.cli import main
 from lcsb.config import LoraConfig
 from lcsb.lora import save_adapter
@@ -367,7 +367,8 @@ def test_failed_resume_leaves_the_run_folder_as_it_was(reference, tmp_path, chat
     before = snapshot(run)
     bad_data = _data(tmp_path, [GOOD, b"{oops"])
     for extra, needle in ((["--lr", "-1"], "--lr"), (["--max-memory", "10MB"], "exceeds --max-memory 10 MB"),
-                          (["--data", bad_data], f"{bad_data / 'train.jsonl'}:2"),
+                          (["--data", bad_data], "--allow-changes"),
+                          (["--data", bad_data, "--allow-changes"], f"{bad_data / 'train.jsonl'}:2"),
                           (["--max-seq-len", 9999], "--max-seq-len 9999")):
         rc, err = cli(capsys, "train", "--resume", run, *extra)
         assert rc == 2 and needle in error_line(err), err
@@ -392,7 +393,7 @@ def test_sigint_finishes_the_step_and_checkpoints(reference, model2, chat_data, 
     rc, err = cli(capsys, *train_args(model2, chat_data, run))
     assert rc == 130 and calls[0] == 5                      # the step was finished, no other begun
     assert "stopped by signal 2 after step 5" in err and f"lcsb train --resume {run}" in err
-    assert trainer.latest_checkpoint(run).name == "step-0000005"
+    assert runstate.latest_checkpoint(run).name == "step-0000005"
     assert not (run / "adapter_model.safetensors").exists()
     monkeypatch.setattr(trainer, "run_step", run_step)
     rc, err = cli(capsys, "train", "--resume", run)
@@ -408,7 +409,7 @@ LAUNCHER = r"""
 import json, os, shutil, sys, time
 import torch
 torch.set_num_threads(1)
-import lcsb.cli, lcsb.trainer as T
+import lcsb.cli, lcsb.runstate as R, lcsb.trainer as T
 from lcsb.memory import warm_up
 warm_up()                      # the first step's lazy imports, paid once here instead of in every child
 import matplotlib              # and the end-of-run plot's
@@ -434,9 +435,9 @@ def slow_checkpoints(delay, marks):
             f = getattr(self.mod, name)
             return slowed(f) if name in self.names else f
 
-    for name in ("save_adapter", "_save_tensors", "_write_json", "_fsync_dir"):
-        setattr(T, name, slowed(getattr(T, name)))
-    T.shutil, T.os = Slowed(shutil, {"rmtree"}), Slowed(os, {"replace"})
+    for name in ("save_adapter", "_save_tensors", "write_json", "_fsync_dir"):
+        setattr(R, name, slowed(getattr(R, name)))
+    R.shutil, R.os = Slowed(shutil, {"rmtree"}), Slowed(os, {"replace"})
     save = T.save_checkpoint
 
     def save_checkpoint(run, model, opt, pos, *a, **k):
@@ -543,7 +544,7 @@ def _kill_and_resume(launcher: Launcher, i: int, rng: random.Random, duration: f
     killed = os.WIFSIGNALED(launcher.status())
     in_checkpoint = bool(i % 2 and killed and f"end {step}" not in marks.read_text().splitlines())
     assert_checkpoints_complete(run)
-    at = trainer.latest_checkpoint(run) if run.exists() else "no run folder"
+    at = runstate.latest_checkpoint(run) if run.exists() else "no run folder"
     restarted = False
 
     def resume():
@@ -636,6 +637,74 @@ def _fill(fs: Path, leave: int) -> Path:
     return filler
 
 
+def _open_files_under(folder: Path) -> list[str]:
+    """This process's open file descriptors that point into `folder`."""
+    links = []
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            links.append(os.readlink(fd))
+        except OSError:
+            continue
+    return [t for t in links if t.startswith(str(folder))]
+
+
+def test_a_stopped_run_closes_its_files(model2, chat_data, tmp_path, monkeypatch, capsys):
+    """Exit 3 (a NaN) and exit 4 (a checkpoint that cannot be written) close the log and the TensorBoard
+    writer as a finished run does: a notebook or a test that goes on is not left holding them."""
+    closed = []
+
+    class Writer:                                     # TensorBoard's SummaryWriter, as far as the run uses it
+        def add_scalar(self, *a):
+            pass
+
+        def close(self):
+            closed.append(True)
+
+    monkeypatch.setattr(trainer, "_tensorboard", lambda run: Writer())
+    calls, run_step = [0], trainer.run_step
+
+    def nan_at_step_3(*args, **kw):
+        calls[0] += 1
+        res = run_step(*args, **kw)
+        return dataclasses.replace(res, loss=float("nan")) if calls[0] == 3 else res
+
+    monkeypatch.setattr(trainer, "run_step", nan_at_step_3)
+    rc, err = cli(capsys, *train_args(model2, chat_data, tmp_path / "nan"))
+    assert rc == 3 and "non-finite loss at step 3" in error_line(err)
+    assert _open_files_under(tmp_path) == [] and closed == [True]
+    monkeypatch.setattr(trainer, "run_step", run_step)
+
+    def denied(path, tensors):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(runstate, "_save_tensors", denied)
+    rc, err = cli(capsys, *train_args(model2, chat_data, tmp_path / "denied"))
+    assert rc == 4 and "Permission denied" in error_line(err)
+    assert _open_files_under(tmp_path) == [] and closed == [True, True]
+
+
+def test_ctrl_c_through_a_pipe_that_broke(model2, chat_data, tmp_path):
+    """`lcsb train ... 2>&1 | tee log` and Ctrl-C: the terminal's SIGINT stops tee as well, so the run's
+    next write meets a broken pipe. The run still finishes its step, writes the checkpoint and exits 130;
+    resumed, it completes."""
+    run = tmp_path / "run"
+    argv = [sys.executable, "-m", "lcsb", *map(str, [*train_args(model2, chat_data, run), "--steps", 400,
+                                                     "--log-every", 1, "--save-every", 0])]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path)
+    for line in proc.stdout:                          # the run is stepping (and printing a line per step)
+        if line.startswith(b"step 3/"):
+            break
+    proc.stdout.close()                               # tee is gone: every later write is EPIPE
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=300) == 130
+    last = runstate.latest_checkpoint(run)
+    step = json.loads((last / "state.json").read_text())["step"] if last else 0
+    assert step >= 3
+    done = subprocess.run([sys.executable, "-m", "lcsb", "train", "--resume", str(run), "--steps", str(step)],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0 and "nothing to do" in done.stderr, done.stderr
+
+
 def test_disk_full_and_read_only(reference, tmp_path, model2, chat_data, monkeypatch, capsys):
     """Disk full in the middle of a run: the checkpoint write fails cleanly (exit 4, run folder and previous
     checkpoint named, no temporary folder left), and once space is back the run resumes to the same
@@ -665,7 +734,7 @@ def test_disk_full_and_read_only(reference, tmp_path, model2, chat_data, monkeyp
         assert "No space left on device" in line and str(run) in line and str(previous) in line, line
         assert "cannot write checkpoint step 6" in line and f"lcsb train --resume {run}" in line, line
         assert not list((run / "checkpoints").glob(".*")) and not list(run.glob("*.tmp"))   # nothing half-written
-        assert trainer.latest_checkpoint(run) == previous
+        assert runstate.latest_checkpoint(run) == previous
         assert_checkpoints_complete(run)
         filler[0].unlink()                                   # space is back
         monkeypatch.setattr(trainer, "run_step", run_step)
@@ -698,7 +767,7 @@ def test_disk_full_and_read_only(reference, tmp_path, model2, chat_data, monkeyp
 def test_failed_checkpoint_write_cleans_up(reference, tmp_path, model2, chat_data, monkeypatch, capsys):
     """Permission denied half-way through a checkpoint (as a non-root user would meet it): the temporary
     folder is removed, the message names the run folder and the previous checkpoint, exit status 4."""
-    run, save_tensors = tmp_path / "run", trainer._save_tensors
+    run, save_tensors = tmp_path / "run", runstate._save_tensors
 
     def denied_at_step_8(path, tensors):
         if path.parent.name == ".tmp-step-0000008":
@@ -706,12 +775,12 @@ def test_failed_checkpoint_write_cleans_up(reference, tmp_path, model2, chat_dat
             raise PermissionError(errno.EACCES, "Permission denied", str(path))
         return save_tensors(path, tensors)
 
-    monkeypatch.setattr(trainer, "_save_tensors", denied_at_step_8)
+    monkeypatch.setattr(runstate, "_save_tensors", denied_at_step_8)
     rc, err = cli(capsys, *train_args(model2, chat_data, run))
     line = error_line(err)
     assert rc == 4 and "Permission denied" in line and str(run / "checkpoints" / "step-0000006") in line, line
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest.json", "step-0000004", "step-0000006"]
-    monkeypatch.setattr(trainer, "_save_tensors", save_tensors)
+    monkeypatch.setattr(runstate, "_save_tensors", save_tensors)
     assert cli(capsys, "train", "--resume", run)[0] == 0
     assert_same_run(reference, run)
 
@@ -748,7 +817,7 @@ def test_nonfinite_stops_with_step_and_checkpoint(kind, step, last, reference, t
     what = "loss" if kind == "loss" else "gradient"
     assert f"non-finite {what} at step {step}" in line and "--skip-nonfinite" in line, line
     assert (f"last good checkpoint: {run / 'checkpoints' / last}" if last else "none yet") in line, line
-    assert trainer.latest_checkpoint(run) == (run / "checkpoints" / last if last else None)
+    assert runstate.latest_checkpoint(run) == (run / "checkpoints" / last if last else None)
     assert not (run / "adapter_model.safetensors").exists()
     # the fault gone (a transient glitch, or a lower --lr), the last good checkpoint continues exactly
     monkeypatch.setattr(trainer, "run_step", run_step)
@@ -769,7 +838,7 @@ def test_skip_nonfinite_counts_and_finishes(tmp_path, model2, chat_data, monkeyp
     assert [r["step"] for r in steps] == list(range(1, STEPS + 1))
     assert [r["step"] for r in steps if r["skipped"]] == [3, 6]
     assert [r["skipped_total"] for r in steps] == [0, 0, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2]
-    last = json.loads((trainer.latest_checkpoint(run) / "state.json").read_text())
+    last = json.loads((runstate.latest_checkpoint(run) / "state.json").read_text())
     assert last["stats"]["skipped_nonfinite"] == 2
     adapter = load_file(str(run / "adapter_model.safetensors"))
     assert all(torch.isfinite(t).all() for t in adapter.values())

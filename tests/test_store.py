@@ -81,6 +81,7 @@ def test_converted_model_equals_quantize_on_load(sources, tmp_path, family, fmt)
     entry = cfg.pop("quantization")
     assert entry["format"] == fmt and entry["lcsb_version"]
     assert entry.get("group_size") == (GROUP if fmt != "int8" else None)
+    assert cfg.pop("source") == str(src.resolve())            # the checkpoint it came from: adapters name it
     assert cfg == src_cfg
     for name, text in TOKENIZER.items():
         assert (dst / name).read_text() == text

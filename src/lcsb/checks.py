@@ -49,38 +49,21 @@ def check_types(cfg: TrainConfig):
             raise UserError(f"{_flag(f.name)} must be one of {', '.join(choices)}, got {v!r}")
 
 
+def check_options(cfg: TrainConfig):
+    """Types and choices, then every field's own rule (its `check` in config.py), then rules across fields."""
+    check_types(cfg)
+    check_ranges(cfg)
+
+
 def check_ranges(cfg: TrainConfig):
     """Every numeric option in its range (after check_types), as one line naming the flag."""
-    for name in ("lr", "alpha", "dropout", "weight_decay", "clip", "epochs", "momentum", "valid_fraction"):
-        v = getattr(cfg, name)
-        if not math.isfinite(v):
-            raise UserError(f"{_flag(name)} must be a finite number, got {v!r}")
-    for name in ("batch_size", "grad_accum", "max_seq_len", "group_size", "steps", "epochs", "lr"):
-        v = getattr(cfg, name)
-        if v is not None and v <= 0:
-            raise UserError(f"{_flag(name)} must be positive, got {v}")
-    if not 0 <= cfg.valid_fraction < 1:
-        raise UserError(f"--valid-fraction must be in [0, 1), got {cfg.valid_fraction}")
-    for name in ("eval_every", "save_every", "warmup", "clip", "weight_decay", "preview"):
-        if getattr(cfg, name) < 0:
-            raise UserError(f"{_flag(name)} must not be negative, got {getattr(cfg, name)}")
-    if cfg.rank <= 0:
-        raise UserError(f"--rank must be a positive integer (the LoRA rank, e.g. 8 or 16), got {cfg.rank}")
-    if cfg.alpha <= 0:
-        raise UserError(f"--alpha must be positive (LoRA scales by alpha / rank), got {cfg.alpha}")
-    if not 0 <= cfg.dropout < 1:
-        raise UserError(f"--dropout must be in [0, 1), got {cfg.dropout}")
-    if not 0 <= cfg.momentum < 1:
-        raise UserError(f"--momentum must be in [0, 1), got {cfg.momentum}")
-    for name in ("groups", "interval", "full_every", "log_every"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"{_flag(name)} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.active is not None and cfg.active < 1:
-        raise UserError(f"--active must be at least 1, got {cfg.active}")
-    for name in ("eval_batches", "keep_checkpoints"):
-        if getattr(cfg, name) < 0:
-            raise UserError(f"{_flag(name)} must not be negative (0: {'all' if name == 'eval_batches' else 'keep all'}), "
-                            f"got {getattr(cfg, name)}")
+    for f in dataclasses.fields(TrainConfig):
+        v = getattr(cfg, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise UserError(f"{_flag(f.name)} must be a finite number, got {v!r}")
+        wrong = f.metadata["check"](v) if f.metadata["check"] and v is not None else None
+        if wrong:
+            raise UserError(f"{_flag(f.name)} {wrong}, got {v!r}")
     bad = [t for t in cfg.targets if t not in LORA_TARGETS]
     if bad or not cfg.targets:
         raise UserError(f"--targets {' '.join(cfg.targets) or '(none)'}: choose among {', '.join(LORA_TARGETS)}")

@@ -28,8 +28,6 @@ import traceback
 
 from pathlib import Path
 
-import yaml
-
 from . import __version__, load_config, load_model
 from .atomic import write_atomic
 from .config import LoraConfig, TrainConfig
@@ -199,11 +197,11 @@ def _run_export(args) -> int:
 def _add_train(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune a LoRA adapter (no arguments: the bundled model and chat task)",
                        description="Fine-tune a LoRA adapter. Every option can also be set in a YAML file "
-                                   "given with --config; flags override the file, the file overrides defaults. "
+                                   "given with --config. Precedence: flags, the file, a resumed run's settings, "
+                                   "a first run's bundled settings, the defaults; the run prints each value's "
+                                   "source. "
                                    "Data-parallel: `torchrun --nproc-per-node N -m lcsb train ...` (--batch-size "
                                    "is per rank; rank 0 writes the run folder).")
-    p.add_argument("--config", metavar="YAML", help="YAML file with any of the options below (keys as in "
-                                                     "the run's config.yaml: underscores, no dashes)")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         help_ = f.metadata["help"] + ("" if f.default is None else f" (default: {_show(f.default)})")
@@ -224,42 +222,17 @@ def _show(v):
     return " ".join(v) if isinstance(v, (list, tuple)) else v
 
 
-def _train_config(args) -> tuple[TrainConfig, dict[str, str]]:
-    """Defaults, then the YAML file, then flags; and where each value came from."""
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    values, sources = {}, {}
-    if args.config:
-        path = Path(args.config)
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError:
-            raise UserError(f"{path} not found (--config)") from None
-        except yaml.YAMLError as e:
-            raise UserError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
-        if not isinstance(loaded, dict):
-            raise UserError(f"{path}: expected a mapping of option names to values")
-        for k, v in loaded.items():
-            key = str(k).replace("-", "_")
-            if key not in names:
-                raise UserError(f"{path}: unknown option {k!r}; see `lcsb train --help` for the option names")
-            values[key], sources[key] = v, "file"
-    for key in names:
-        if key in vars(args):
-            values[key], sources[key] = getattr(args, key), "flag"
-    try:
-        cfg = TrainConfig(**values)
-    except TypeError as e:
-        raise UserError(f"bad training options: {e}") from None
-    for key in names - set(sources):
-        sources[key] = "default"
-    return cfg, sources
+def _train_config(args) -> TrainConfig:
+    """The flags given, as a TrainConfig whose `given` fields are exactly those flags (settings.py fills the
+    rest from --config, a resumed run and the defaults, and prints each value's source)."""
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    return TrainConfig(**{k: getattr(args, k) for k in names if k in vars(args)})
 
 
 def _run_train(args) -> int:
     from .trainer import train
 
-    cfg, sources = _train_config(args)
-    result = train(cfg, sources)
+    result = train(_train_config(args), given_as="flag")
     return 0 if not result.interrupted else 130
 
 
@@ -314,9 +287,7 @@ def _add_bench(sub) -> argparse.ArgumentParser:
 def _run_bench(args) -> int:
     if args.which == "fidelity":
         return _bench_fidelity(args.rest)
-    from .trainer import REPO
-
-    script = REPO / "bench" / BENCH_SCRIPTS[args.which]
+    script = Path(__file__).resolve().parents[2] / "bench" / BENCH_SCRIPTS[args.which]
     if not script.exists():
         raise UserError(f"{script} not found: the benchmarks run from a source checkout of lcsb")
     sys.argv = [str(script), *args.rest]

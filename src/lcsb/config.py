@@ -5,6 +5,7 @@ One set of defaults feeds the CLI, the YAML config and the Python API.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, fields
 
@@ -182,7 +183,7 @@ class RawConfig:
             intermediate_size=self.need("intermediate_size"),
             num_layers=n,
             num_heads=heads,
-            num_kv_heads=self.get("num_key_value_heads", heads),
+            num_kv_heads=self.need("num_key_value_heads") if self.raw.get("num_key_value_heads") is not None else heads,
             head_dim=head_dim,
             rms_norm_eps=float(self.get("rms_norm_eps", 1e-6)),
             max_position_embeddings=self.get("max_position_embeddings", 2048),
@@ -204,29 +205,88 @@ class RawConfig:
         return ModelConfig(**kw)
 
 
-def _opt(default, help: str, **kw):
-    """A TrainConfig field: its default and help text feed the CLI, the YAML file and the API alike."""
-    return field(default=default, metadata={"help": help, **kw})
+# --- validation rules, attached to the fields they check (checks.check_ranges applies them) -----------
+
+def positive(v) -> str | None:
+    return None if v > 0 else "must be positive"
 
 
+def non_negative(v) -> str | None:
+    return None if v >= 0 else "must not be negative"
+
+
+def at_least(n: int):
+    return lambda v: None if v >= n else f"must be at least {n}"
+
+
+def in_unit(v) -> str | None:
+    """[0, 1): a fraction or a probability of dropping."""
+    return None if 0 <= v < 1 else "must be in [0, 1)"
+
+
+# On --resume, a field either must equal the run's value ("keep": it changes what the run computes; changed
+# only with --allow-changes), may change ("apply": cadence, budget, engine settings that are exact either way,
+# and --steps / --epochs to extend a run), or is the run's control ("control": never compared).
+KEEP, APPLY, CONTROL = "keep", "apply", "control"
+
+
+def _opt(default, help: str, check=None, on_resume: str = KEEP, **kw):
+    """A TrainConfig field: its default and help text feed the CLI, the YAML file and the API alike; `check`
+    (a function of the value returning what is wrong, or None) is applied to every non-None value."""
+    return field(default=default, metadata={"help": help, "check": check, "on_resume": on_resume, **kw})
+
+
+def _tracks_given(cls):
+    """Record which fields the caller set (constructor arguments, or assignment afterwards), so that the
+    settings resolution (settings.py) tells "given" from "default" by what was given, never by comparing a
+    value with its default: `TrainConfig(lr=1e-4)` is an lr of 1e-4 given, although 1e-4 is the default."""
+    generated = cls.__init__
+    names = [f.name for f in fields(cls)]
+
+    @functools.wraps(generated)
+    def __init__(self, *args, **kwargs):
+        generated(self, *args, **kwargs)
+        self.__dict__["_given"] = set(names[:len(args)]) | set(kwargs)
+
+    def __setattr__(self, name, value):
+        object.__setattr__(self, name, value)
+        given = self.__dict__.get("_given")       # absent while the generated __init__ fills the defaults
+        if given is not None:
+            given.add(name)
+
+    cls.__init__, cls.__setattr__ = __init__, __setattr__
+    return cls
+
+
+@_tracks_given
 @dataclass
 class TrainConfig:
-    """Everything a training run needs. `lcsb train --help` lists the same fields as flags."""
+    """Everything a training run needs. `lcsb train --help` lists the same fields as flags.
+
+    Which fields the caller set is recorded (`given`): settings.resolve fills the others from the YAML file,
+    the resumed run and the defaults, in that order."""
 
     # what to train on
-    model: str = _opt(None, "Hugging Face checkpoint folder or `lcsb convert` folder (default: the bundled model)")
+    model: str = _opt(None, "Hugging Face checkpoint folder, `lcsb convert` folder or GGUF file (default: "
+                            "SmolLM2-135M-Instruct when installed, else the bundled small model)")
     data: str = _opt(None, "folder with train.jsonl [valid.jsonl test.jsonl], or one .jsonl file "
                            "(default: the bundled chat task)")
-    out: str = _opt(None, "run folder for the adapter, logs and checkpoints (default: runs/<method>-<time>)")
+    out: str = _opt(None, "run folder for the adapter, logs and checkpoints (default: runs/<method>-<time>)",
+                    on_resume=CONTROL)
+    config: str = _opt(None, "YAML file with any of these options (keys as in a run's config.yaml: underscores, "
+                             "no dashes); flags override it", on_resume=CONTROL)
+    resume: str = _opt(None, "continue the run in this folder from its last checkpoint", on_resume=CONTROL)
+    allow_changes: bool = _opt(False, "with --resume: accept options that change what the run computes (method, "
+                                      "lr, data, ...); without it they are refused", on_resume=CONTROL)
     # selection (DESIGN section 4)
     method: str = _opt("full", "selection method (full: what the measurements on real models support; README "
                                "\"Quality on a real model\")", choices=("full", "lcsb", "lcsb-exact", "random", "lisa", "badam", "freeze", "topdown"))
-    groups: int = _opt(4, "lcsb: number of layer groups K; group (step // interval) mod K is trained")
+    groups: int = _opt(4, "lcsb: number of layer groups K; group (step // interval) mod K is trained", at_least(1))
     grouping: str = _opt("contiguous", "lcsb: how layers form groups", choices=("contiguous", "strided"))
-    interval: int = _opt(1, "steps between selection switches (lcsb, lisa, badam)")
+    interval: int = _opt(1, "steps between selection switches (lcsb, lisa, badam)", at_least(1))
     active: int = _opt(None, "random/lisa/freeze/topdown: number of trained blocks (topdown: the top ones, every step; "
-                             "default: a quarter of the layers)")
-    full_every: int = _opt(4, "topdown: every N-th step trains every block")
+                             "default: a quarter of the layers)", at_least(1))
+    full_every: int = _opt(4, "topdown: every N-th step trains every block", at_least(1))
     order: str = _opt("ascending", "badam: block order", choices=("ascending", "descending", "random"))
     inactive: str = _opt(None, "untrained blocks' LoRA: momentum (zero-grad AdamW step), frozen, reset (fresh "
                                "optimizer state on re-activation; default: reset for lisa and badam, as their papers, "
@@ -234,53 +294,63 @@ class TrainConfig:
     compensate: bool = _opt(False, "scale each block's learning rate by how rarely the method trains it (1/sqrt(share) "
                                    "for adamw with --inactive momentum, 1/share otherwise), so it moves as far as under "
                                    "full backprop")
-    # the engine (DESIGN section 3)
+    # the engine (DESIGN section 3): how, not what -- the same result either way, so a resume may change them
     quant: str = _opt(None, "compress base weights on load (default: keep the checkpoint's)", choices=("int8", "int4", "nf4"))
-    group_size: int = _opt(64, "int4/nf4 group size (32, 64, 128)")
+    group_size: int = _opt(64, "int4/nf4 group size (32, 64, 128)", positive)
     recompute: str = _opt("on", "on: recompute trained blocks in backward (least memory); off: keep their forward "
-                                "graphs (faster, more memory)", choices=("on", "off"))
+                                "graphs (faster, more memory)", choices=("on", "off"), on_resume=APPLY)
     activations: str = _opt("ram", "where block checkpoints live (disk: a memory-mapped file, out of the resident set)",
-                            choices=("ram", "disk"))
+                            choices=("ram", "disk"), on_resume=APPLY)
     decompress: str = _opt("block", "block: decompress a visited block once for its recompute and VJP; linear: one "
                                     "matrix at a time, again in the VJP (less memory, a little slower)",
-                           choices=("block", "linear"))
+                           choices=("block", "linear"), on_resume=APPLY)
     # LoRA (DESIGN section 5)
-    rank: int = _opt(16, "LoRA rank")
-    alpha: float = _opt(32.0, "LoRA alpha (scale alpha / rank)")
-    dropout: float = _opt(0.0, "LoRA dropout")
+    rank: int = _opt(16, "LoRA rank", lambda v: None if v > 0 else "must be a positive integer (the LoRA rank, e.g. 8 or 16)")
+    alpha: float = _opt(32.0, "LoRA alpha (scale alpha / rank)", lambda v: None if v > 0 else "must be positive (LoRA scales by alpha / rank)")
+    dropout: float = _opt(0.0, "LoRA dropout", in_unit)
     targets: list = _opt(LORA_TARGETS, "projections to adapt", nargs="+")
     adapter: str = _opt(None, "start from this PEFT adapter folder instead of a fresh LoRA")
     # optimisation
     optimizer: str = _opt("adamw", "optimizer", choices=("adamw", "sgd"))
-    lr: float = _opt(1e-4, "peak learning rate")
-    weight_decay: float = _opt(0.01, "decoupled weight decay")
-    momentum: float = _opt(0.0, "sgd momentum")
+    lr: float = _opt(1e-4, "peak learning rate", positive)
+    weight_decay: float = _opt(0.01, "decoupled weight decay", non_negative)
+    momentum: float = _opt(0.0, "sgd momentum", in_unit)
     schedule: str = _opt("constant", "learning-rate schedule after warmup", choices=("constant", "linear", "cosine"))
-    warmup: int = _opt(0, "linear warmup steps")
-    steps: int = _opt(None, "optimizer steps (default: --epochs over the training set)")
-    epochs: float = _opt(1.0, "passes over the training set when --steps is not given")
-    batch_size: int = _opt(1, "sequences per micro-batch")
-    grad_accum: int = _opt(1, "micro-batches per optimizer step")
-    clip: float = _opt(1.0, "clip the global gradient norm (0: off)")
+    warmup: int = _opt(0, "linear warmup steps", non_negative)
+    steps: int = _opt(None, "optimizer steps (default: --epochs over the training set)", positive, on_resume=APPLY)
+    epochs: float = _opt(1.0, "passes over the training set when --steps is not given", positive, on_resume=APPLY)
+    batch_size: int = _opt(1, "sequences per micro-batch", positive)
+    grad_accum: int = _opt(1, "micro-batches per optimizer step", positive)
+    clip: float = _opt(1.0, "clip the global gradient norm (0: off)", non_negative)
     # data (DESIGN section 6)
-    max_seq_len: int = _opt(None, "truncate longer records to this many tokens (default: 2048 or the model's context)")
+    max_seq_len: int = _opt(None, "truncate longer records to this many tokens (default: 2048 or the model's context)",
+                            positive)
     mask_prompt: bool = _opt(True, "count only completion / assistant tokens in the loss")
     pack: bool = _opt(False, "pack short records into sequences of up to --max-seq-len")
-    valid_fraction: float = _opt(0.0, "hold out this fraction of a single data file for evaluation")
+    valid_fraction: float = _opt(0.0, "hold out this fraction of a single data file for evaluation", in_unit)
     skip_bad_lines: bool = _opt(False, "skip malformed data lines (counted) instead of stopping")
     # the run (DESIGN section 7)
-    eval_every: int = _opt(0, "evaluate every N steps (0: only at the end)")
-    eval_batches: int = _opt(25, "batches per evaluation (0: the whole validation set)")
-    save_every: int = _opt(100, "write a checkpoint every N steps (0: only at the end)")
-    keep_checkpoints: int = _opt(2, "checkpoints kept in the run folder (the latest ones)")
+    eval_every: int = _opt(0, "evaluate every N steps (0: only at the end)", non_negative, on_resume=APPLY)
+    eval_batches: int = _opt(25, "batches per evaluation (0: the whole validation set)",
+                             lambda v: None if v >= 0 else "must not be negative (0: all)", on_resume=APPLY)
+    save_every: int = _opt(100, "write a checkpoint every N steps (0: only at the end)", non_negative, on_resume=APPLY)
+    keep_checkpoints: int = _opt(2, "checkpoints kept in the run folder (the latest ones)",
+                                 lambda v: None if v >= 0 else "must not be negative (0: keep all)", on_resume=APPLY)
     seed: int = _opt(0, "seed of data order, LoRA init, dropout and random selections")
-    resume: str = _opt(None, "continue the run in this folder from its last checkpoint")
-    skip_nonfinite: bool = _opt(False, "skip steps with a non-finite loss or gradient instead of stopping")
-    max_memory: str = _opt(None, "refuse to start when the estimated peak memory exceeds this (e.g. 800MB, 2GB)")
-    log_every: int = _opt(1, "print a progress line every N steps when not on a terminal")
+    skip_nonfinite: bool = _opt(False, "skip steps with a non-finite loss or gradient instead of stopping",
+                                on_resume=APPLY)
+    max_memory: str = _opt(None, "refuse to start when the estimated peak memory exceeds this (e.g. 800MB, 2GB)",
+                           on_resume=APPLY)
+    log_every: int = _opt(1, "print a progress line every N steps when not on a terminal", at_least(1), on_resume=APPLY)
     preview: int = _opt(0, "at the end, print N held-out prompts (test or valid split) with the answers before "
-                           "and after training (a run started from step 0)")
+                           "and after training (a run started from step 0)", non_negative, on_resume=APPLY)
+
+    @property
+    def given(self) -> frozenset[str]:
+        """The fields the caller set; a value of None counts as not given ("use the default")."""
+        return frozenset(k for k in self.__dict__.get("_given", ()) if getattr(self, k) is not None)
 
     @classmethod
     def field_help(cls) -> dict[str, dict]:
         return {f.name: dict(f.metadata) for f in fields(cls)}
+

@@ -15,6 +15,10 @@ per file:
   {"messages": [{"role", "content"}, ...]}  (optional "tools")
                                     rendered with the model's own chat template; the tokens of assistant
                                     turns (content + end of turn) counted (`Tokenizer.render_chat_with_mask`).
+  {"conversations": [{"from", "value"}, ...]}
+                                    ShareGPT's chat records, read as {"messages"}: from human/user -> user,
+                                    gpt/assistant -> assistant, system, tool/observation -> tool; any other
+                                    "from" is refused with the line and the role named.
 
 With mask_prompt=False every token is counted. Labels are aligned with ids (the transformers convention:
 labels[t] == ids[t] or -100, and the engine shifts, so position t-1 predicts labels[t]); labels[0] is
@@ -29,6 +33,7 @@ file, chat records with a tokenizer that has no chat template, and a file mixing
 from __future__ import annotations
 
 import json
+import math
 import random
 import warnings
 from collections.abc import Iterator, Sequence
@@ -42,8 +47,13 @@ from .errors import UserError
 
 IGNORE = -100                                   # label of a token that is not counted in the loss
 SPLITS = ("train", "valid", "test")
-FORMATS = {"text": '{"text"}', "completions": '{"prompt","completion"}', "chat": '{"messages"}'}
-_FORMAT_HINT = 'one JSON object per line: {"text": ...}, {"prompt": ..., "completion": ...} or {"messages": [...]}'
+FORMATS = {"text": '{"text"}', "completions": '{"prompt","completion"}', "chat": '{"messages"}',
+           "sharegpt": '{"conversations"}'}
+_FORMAT_HINT = ('one JSON object per line: {"text": ...}, {"prompt": ..., "completion": ...}, {"messages": [...]} '
+                'or {"conversations": [...]}')
+# ShareGPT's speakers as chat roles
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
+                  "tool": "tool", "observation": "tool"}
 _MAX_LISTED = 5                                 # skipped lines quoted in the warning
 
 
@@ -252,9 +262,9 @@ class _Reader:
 
     def _check_tokenizer(self, fmt: str, where: str) -> None:
         """Once per file, at its first record: chat records need the model's chat template."""
-        if fmt == "chat" and not self.tok.has_chat_template:
+        if fmt in ("chat", "sharegpt") and not self.tok.has_chat_template:
             source = getattr(self.tok, "source", "tokenizer_config.json")
-            raise UserError(f'{where}: {{"messages"}} records need a chat template, but {source} has none; '
+            raise UserError(f'{where}: {FORMATS[fmt]} records need a chat template, but {source} has none; '
                             'add a "chat_template" to it (or a chat_template.jinja beside it), or use '
                             '{"text"} or {"prompt","completion"} records')
 
@@ -278,6 +288,8 @@ class _Reader:
         if fmt == "completions":
             messages = [{"role": "user", "content": record["prompt"]},
                         {"role": "assistant", "content": record["completion"]}]
+        elif fmt == "sharegpt":
+            messages = [{"role": SHAREGPT_ROLES[m["from"]], "content": m["value"]} for m in record["conversations"]]
         else:
             messages = record["messages"]
         kwargs = {} if tools is None else {"tools": tools}
@@ -310,7 +322,8 @@ def _parse(raw: bytes, lineno: int, where: str) -> dict:
 def _check_shape(record: dict, where: str) -> str:
     """The record's format, after checking its keys and value types."""
     present = [fmt for fmt, keys in (("text", ("text",)), ("completions", ("prompt", "completion")),
-                                     ("chat", ("messages",))) if any(k in record for k in keys)]
+                                     ("chat", ("messages",)), ("sharegpt", ("conversations",)))
+               if any(k in record for k in keys)]
     if not present:
         found = ", ".join(sorted(record)[:5]) or "none"
         raise _LineError(f"{where}: no known keys (found: {found}); {_FORMAT_HINT}")
@@ -328,8 +341,10 @@ def _check_shape(record: dict, where: str) -> str:
         if not isinstance(record["prompt"], str):
             raise _LineError(f'{where}: "prompt" must be a string, got {_json_type(record["prompt"])}')
         _check_text(record, "completion", where)
-    else:
+    elif fmt == "chat":
         _check_messages(record["messages"], where)
+    else:
+        _check_conversations(record["conversations"], where)
     if fmt != "text" and "tools" in record and not isinstance(record["tools"], (list, type(None))):
         raise _LineError(f'{where}: "tools" must be a list, got {_json_type(record["tools"])}')
     return fmt
@@ -358,6 +373,24 @@ def _check_messages(messages: Any, where: str) -> None:
             raise _LineError(f'{where}: messages[{i}] needs a string "content", got {_json_type(content)}')
     if not any(m["role"] == "assistant" for m in messages):
         raise _LineError(f'{where}: no "assistant" message: nothing to learn from; add the reply to train on')
+
+
+def _check_conversations(turns: Any, where: str) -> None:
+    if not isinstance(turns, list) or not turns:
+        got = "an empty list" if turns == [] else _json_type(turns)
+        raise _LineError(f'{where}: "conversations" must be a non-empty list of {{"from", "value"}} objects, got {got}')
+    for i, m in enumerate(turns):
+        if not isinstance(m, dict):
+            raise _LineError(f'{where}: conversations[{i}] must be an object {{"from", "value"}}, got {_json_type(m)}')
+        role = m.get("from")
+        if role not in SHAREGPT_ROLES:
+            shown = repr(role) if isinstance(role, str) else _json_type(role)
+            raise _LineError(f'{where}: conversations[{i}] has "from": {shown}, not a known role; use one of '
+                             f'{", ".join(SHAREGPT_ROLES)}')
+        if not isinstance(m.get("value"), str):
+            raise _LineError(f'{where}: conversations[{i}] needs a string "value", got {_json_type(m.get("value"))}')
+    if not any(SHAREGPT_ROLES[m["from"]] == "assistant" for m in turns):
+        raise _LineError(f'{where}: no "gpt" turn: nothing to learn from; add the reply to train on')
 
 
 def _json_type(value: Any) -> str:
@@ -436,11 +469,41 @@ def batches(
         raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
     order = epoch_order(len(examples), seed, epoch)
     for b in range(start, num_batches(len(examples), batch_size, drop_last)):
-        chunk = [examples[i] for i in order[b * batch_size : (b + 1) * batch_size]]
-        width = max(len(e) for e in chunk)
-        input_ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
-        labels = torch.full((len(chunk), width), IGNORE, dtype=torch.long)
-        for row, e in enumerate(chunk):
-            input_ids[row, : len(e)] = torch.tensor(e.ids, dtype=torch.long)
-            labels[row, : len(e)] = torch.tensor(e.labels, dtype=torch.long)
-        yield input_ids, labels
+        yield collate([examples[i] for i in order[b * batch_size : (b + 1) * batch_size]], pad_token_id)
+
+
+def collate(chunk: Sequence[Example], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, labels) [B, S] of examples right-padded to the longest (labels -100 on the padding)."""
+    width = max(len(e) for e in chunk)
+    input_ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(chunk), width), IGNORE, dtype=torch.long)
+    for row, e in enumerate(chunk):
+        input_ids[row, : len(e)] = torch.tensor(e.ids, dtype=torch.long)
+        labels[row, : len(e)] = torch.tensor(e.labels, dtype=torch.long)
+    return input_ids, labels
+
+
+class Batches:
+    """The training run's micro-batches: this rank's rows of each global micro-batch (batch_size rows per
+    rank, `world` ranks) in `epoch_order` of each epoch, endless, resumable from (epoch, batch index in
+    global micro-batches). One process is world 1, rank 0: its batches are those of `batches()`. `next()`
+    gives (None, None) when this rank's share of an epoch's short last batch is empty."""
+
+    def __init__(self, examples: Sequence[Example], batch_size: int, seed: int, epoch: int = 0, batch: int = 0,
+                 pad_token_id: int = 0, world: int = 1, rank: int = 0):
+        self.examples, self.bs, self.world, self.rank = examples, batch_size, world, rank
+        self.seed, self.pad, self.epoch, self.batch = seed, pad_token_id, epoch, batch
+        self.per_epoch = math.ceil(len(examples) / (batch_size * world))
+        self._order = None
+
+    def next(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if self.batch >= self.per_epoch:
+            self.epoch, self.batch, self._order = self.epoch + 1, 0, None
+        if self._order is None:
+            self._order = epoch_order(len(self.examples), self.seed, self.epoch)
+        lo = self.batch * self.bs * self.world
+        rows = self._order[lo: lo + self.bs * self.world][self.rank * self.bs: (self.rank + 1) * self.bs]
+        self.batch += 1
+        if not rows:
+            return None, None
+        return collate([self.examples[i] for i in rows], self.pad)

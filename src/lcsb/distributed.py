@@ -43,12 +43,10 @@ from __future__ import annotations
 import atexit
 import hashlib
 import json
-import math
 import os
 import signal
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -79,42 +77,6 @@ def counted_tokens(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != datalib.IGNORE).sum())
 
 
-def collate(chunk, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, labels) [B, S] of examples right-padded to the longest, as `data.batches` pads them."""
-    width = max(len(e) for e in chunk)
-    input_ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(chunk), width), datalib.IGNORE, dtype=torch.long)
-    for row, e in enumerate(chunk):
-        input_ids[row, : len(e)] = torch.tensor(e.ids, dtype=torch.long)
-        labels[row, : len(e)] = torch.tensor(e.labels, dtype=torch.long)
-    return input_ids, labels
-
-
-class ShardBatches:
-    """This rank's rows of each global micro-batch, resumable from (epoch, global batch index); the
-    interface of `trainer.Batches`. `next()` gives (None, None) when this rank's share of the short
-    last batch of an epoch is empty."""
-
-    def __init__(self, examples, batch_size: int, world: int, rank: int, seed: int, epoch: int, batch: int,
-                 pad_id: int):
-        self.examples, self.bs, self.world, self.rank = examples, batch_size, world, rank
-        self.seed, self.pad, self.epoch, self.batch = seed, pad_id, epoch, batch
-        self.per_epoch = math.ceil(len(examples) / (batch_size * world))
-        self._order = None
-
-    def next(self):
-        if self.batch >= self.per_epoch:
-            self.epoch, self.batch, self._order = self.epoch + 1, 0, None
-        if self._order is None:
-            self._order = datalib.epoch_order(len(self.examples), self.seed, self.epoch)
-        lo = self.batch * self.bs * self.world
-        rows = self._order[lo: lo + self.bs * self.world][self.rank * self.bs: (self.rank + 1) * self.bs]
-        self.batch += 1
-        if not rows:
-            return None, None
-        return collate([self.examples[i] for i in rows], self.pad)
-
-
 class World:
     """This process's place in the data-parallel group (a world of one when not launched by torchrun)."""
 
@@ -128,33 +90,12 @@ class World:
         """Rank 0: the one that writes and prints."""
         return self.rank == 0
 
-    def batches(self, examples, batch_size: int, seed: int, pos, pad_id: int) -> ShardBatches:
-        return ShardBatches(examples, batch_size, self.size, self.rank, seed, pos.epoch, pos.batch, pad_id)
-
     def seed_step(self, seed: int, step: int):
         """Seed torch's RNG (LoRA dropout) from (seed, step, rank): distinct masks on every rank, the same
         ones after a resume. A single process keeps its own (checkpointed) RNG stream."""
         if self.size > 1:
             digest = hashlib.sha256(f"lcsb-dropout:{seed}:{step}:{self.rank}".encode()).digest()
             torch.manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-
-    def keep_global_batch(self, cfg, checkpoint: Path | None, say):
-        """On resume, keep the run's global batch (sequences per micro-batch over all ranks, the unit of the
-        checkpoint's data position): batch_size becomes global / ranks."""
-        if checkpoint is None:
-            return
-        try:
-            stats = json.loads((checkpoint / "state.json").read_text()).get("stats", {})
-        except (OSError, json.JSONDecodeError):
-            return      # load_checkpoint reports an unreadable checkpoint
-        total = int(stats.get("global_batch", cfg.batch_size))
-        if total % self.size:
-            raise UserError(f"{checkpoint}: the run's global batch of {total} sequences cannot be split over "
-                            f"{self.size} ranks; resume with a number of ranks that divides {total}")
-        if total // self.size != cfg.batch_size:
-            say(f"note: --batch-size {total // self.size} on each of {self.size} rank(s) keeps the run's global "
-                f"batch of {total} sequences (it was --batch-size {cfg.batch_size})")
-            cfg.batch_size = total // self.size
 
     def reduce_step(self, blocks, trained, loss_sum: float, counted: int, tokens: int, stop=None) -> StepTotals:
         """Turn this rank's summed gradients into the step's token-weighted mean over all ranks.
@@ -277,7 +218,10 @@ def setup(device: str | torch.device = "cpu") -> World:
 
 def _world(rank: int, size: int, local_rank: int, device) -> World:
     if rank != 0:
-        warnings.filterwarnings("ignore")   # rank 0 reports; the others stay quiet but for errors
+        # rank 0 reports; the others stay quiet but for errors and lcsb's own warnings ("lcsb: the
+        # dequantization kernel could not be built ..."), which can differ from rank to rank
+        warnings.filterwarnings("ignore")
+        warnings.filterwarnings("default", message="lcsb: ")
     return World(rank, size, local_rank, device)
 
 

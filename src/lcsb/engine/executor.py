@@ -53,7 +53,7 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from ..runtime import limit_cache, release_cached
-from ..model.core import ROW_CHUNK_BYTES, CausalLM, Linear, materialized, output_unused
+from ..model.core import ROW_CHUNK_BYTES, CausalLM, materialized, output_unused
 
 ROLES = ("train", "through", "skip")
 VOCAB_CHUNK = 4096            # LM-head rows per chunk: 15 MB of float32 at hidden 896, under one MLP matrix
@@ -124,9 +124,10 @@ def block_lora_params(block) -> list[torch.nn.Parameter]:
     return [p for n, p in block.named_parameters() if ".lora_" in n or n.startswith("lora_")]
 
 
-def _has_dropout(block) -> bool:
-    return any(isinstance(m, Linear) and m.lora_A is not None and m.lora_dropout.__class__.__name__ == "Dropout"
-               for m in block.modules())
+def _draws_random(block) -> bool:
+    """Whether the block's forward draws random numbers (a dropout module in training mode, LoRA's): its
+    recompute in the backward pass must then replay the RNG state of the forward."""
+    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 and m.training for m in block.modules())
 
 
 def head_loss_and_grad(model: CausalLM, hn: torch.Tensor, targets: torch.Tensor, chunk: int | None = None):
@@ -242,7 +243,7 @@ def run_step(model: CausalLM, input_ids: torch.Tensor, labels: torch.Tensor, rol
                 continue
             if i in visit_set:
                 ckpt.put(i, h)
-                if _has_dropout(block):
+                if _draws_random(block):
                     rng_states[i] = torch.get_rng_state()
             with materialized(block, model.dtype, workspace=ws) if by_block else contextlib.nullcontext():
                 h = block(h, ctx)

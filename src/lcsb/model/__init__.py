@@ -83,6 +83,10 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, quant: str 
         gguf.fill_from_gguf(model, gguf.read_gguf(folder), quant, group_size)
         stored = {"format": quant or "gguf"}
     elif stored:
+        if quant is not None and quant != stored.get("format"):
+            raise UserError(f"{folder} is already compressed to {stored.get('format')} (`lcsb convert`); --quant "
+                            f"{quant} cannot apply to it: leave --quant out, or convert the original checkpoint "
+                            f"with --quant {quant}")
         from ..quant.store import fill_from_store   # a folder written by `lcsb convert`
         fill_from_store(model, folder, stored)
     else:

@@ -53,6 +53,27 @@ def _usable(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
 
 
+def _check_sizes(kind: str, q, s, b, rows: int, cols: int, group: int):
+    """The C kernel reads exactly these many bytes from each buffer: anything else would read past a tensor's
+    end (or leave rows unwritten), so a mismatch is refused here rather than trusted."""
+    if kind not in KINDS:
+        raise ValueError(f"dequantize: unknown kind {kind!r}")
+    if kind == "int8":
+        want = {"q": (q, rows * cols), "s": (s, rows * 4)}
+    else:
+        if group <= 0 or group % 2 or cols % group:
+            raise ValueError(f"dequantize {kind}: group {group} must be even and divide cols {cols}")
+        want = {"q": (q, rows * cols // 2), "s": (s, rows * (cols // group) * 4)}
+        if b is None:
+            raise ValueError(f"dequantize {kind}: needs {'biases' if kind == 'int4' else 'the code book'}")
+        want["b"] = (b, rows * (cols // group) * 4 if kind == "int4" else 16 * 4)
+    for name, (t, nbytes) in want.items():
+        got = t.numel() * t.element_size()
+        if got != nbytes:
+            raise ValueError(f"dequantize {kind} [{rows}, {cols}] (group {group}): {name} holds {got} bytes, "
+                             f"the kernel would read {nbytes}")
+
+
 def dequantize(kind: str, q: torch.Tensor, s: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor,
                group: int = 0) -> bool:
     """Write the float32 [rows, cols] matrix into `out` with the kernel; False where the kernel is
@@ -63,6 +84,7 @@ def dequantize(kind: str, q: torch.Tensor, s: torch.Tensor, b: torch.Tensor | No
     if s.dtype != torch.float32 or (b is not None and b.dtype != torch.float32):
         return False
     rows, cols = out.shape
+    _check_sizes(kind, q, s, b, rows, cols, group)
     lib.lcsb_dequant(KINDS[kind], q.data_ptr(), s.data_ptr(), b.data_ptr() if b is not None else None,
                      out.data_ptr(), rows, cols, group, torch.get_num_threads())
     return True

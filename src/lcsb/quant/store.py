@@ -318,6 +318,7 @@ def convert_model(src: str | Path, dst: str | Path, quant: str = "int4", group_s
             entry["group_size"] = group_size
         entry["lcsb_version"] = __version__
         raw["quantization"] = entry
+        raw["source"] = str(src.resolve())          # the checkpoint it came from: adapters name it (PEFT, MLX)
         _write_json(tmp / "config.json", raw)
         for name in TOKENIZER_FILES:
             if (src / name).is_file():
