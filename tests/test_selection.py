@@ -276,3 +276,24 @@ def test_lr_scales_inverse_sqrt_share_with_momentum_inverse_share_otherwise():
     assert Selection("freeze", active=3).lr_scales(n, "momentum") == [1.0] * n   # never trained: untouched
     assert Selection("full").lr_scales(n, "reset") == [1.0] * n
     assert sel.lr_scales(n, "momentum", "sgd") == [4.0] * 8 + [1.0] * 2          # SGD: each gradient, one push
+
+
+def test_plan_of_a_step():
+    """The plan derives trained / lowest / visited from the roles once: lcsb visits only its group (the rest
+    are skipped), lcsb-exact everything from its group up, full every block; no trained block: nothing."""
+    from lcsb.engine.selection import Plan
+
+    n = 8
+    for step in range(8):
+        for method, visited in (("lcsb", lambda g: g), ("lcsb-exact", lambda g: list(range(g[0], n))),
+                                ("full", lambda g: list(range(n)))):
+            sel = Selection(method, groups=4).validate(n)
+            plan = sel.plan(step, n)
+            group = sel.trained(step, n)
+            assert list(plan.roles) == sel.roles(step, n)
+            assert list(plan.trained) == group and plan.lowest == group[0]
+            assert list(plan.visited) == visited(group)
+    empty = Plan(("skip",) * n)
+    assert empty.trained == () and empty.lowest == n and empty.visited == ()
+    with pytest.raises(ValueError, match="roles must be values from"):
+        Plan(("train", "frozen"))

@@ -197,8 +197,8 @@ def _train(settings: Settings, ddp, console, closing: contextlib.ExitStack) -> T
     with _Interrupt() as stop:
         while pos.step < total:
             t0 = time.perf_counter()
-            roles = selection.roles(pos.step, n)
-            trained = {i for i, r in enumerate(roles) if r == "train"}
+            plan = selection.plan(pos.step, n)
+            trained = set(plan.trained)
             opt.set_lr_factor(schedule_factor(cfg.schedule, pos.step, total, cfg.warmup))
             ddp.seed_step(cfg.seed, pos.step)
             loss_sum, tokens, counted = 0.0, 0, 0
@@ -208,7 +208,7 @@ def _train(settings: Settings, ddp, console, closing: contextlib.ExitStack) -> T
                     continue
                 # loss_scale = the micro-batch's counted tokens: .grad sums per-token gradients, and
                 # reduce_step divides by the count over all micro-batches and ranks (a token-weighted mean)
-                res = run_step(model, ids, labels, roles, cfg.activations,
+                res = run_step(model, ids, labels, list(plan.roles), cfg.activations,
                                loss_scale=distributed.counted_tokens(labels), recompute=cfg.recompute == "on",
                                decompress=cfg.decompress)
                 loss_sum += res.loss * res.tokens

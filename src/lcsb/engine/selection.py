@@ -38,6 +38,35 @@ from ..errors import UserError
 METHODS = ("full", "lcsb", "lcsb-exact", "random", "lisa", "badam", "freeze", "topdown")
 GROUPINGS = ("contiguous", "strided")
 ORDERS = ("ascending", "descending", "random")
+ROLES = ("train", "through", "skip")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One step's work, computed once: each block's role, and what follows from the roles -- the blocks
+    trained (their LoRA gets gradients and, under torchrun, is all-reduced), the lowest trained block, and
+    the blocks the backward visits (train or through, from the lowest trained block up; the rest of the
+    stack is never touched). The executor runs it, the trainer steps the optimizer by it, the memory
+    estimate sizes the step by it."""
+
+    roles: tuple[str, ...]
+
+    def __post_init__(self):
+        if any(r not in ROLES for r in self.roles):
+            raise ValueError(f"roles must be values from {ROLES}, got {list(self.roles)}")
+
+    @property
+    def trained(self) -> tuple[int, ...]:
+        return tuple(i for i, r in enumerate(self.roles) if r == "train")
+
+    @property
+    def lowest(self) -> int:
+        """The lowest trained block; the number of blocks when none is trained (the backward stops at once)."""
+        return next((i for i, r in enumerate(self.roles) if r == "train"), len(self.roles))
+
+    @property
+    def visited(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.lowest, len(self.roles)) if self.roles[i] != "skip")
 
 
 def groups_of(n: int, k: int, grouping: str) -> list[list[int]]:
@@ -114,6 +143,10 @@ class Selection:
         if m == "topdown":
             return list(range(0 if step % self.full_every == 0 else n - self.active, n))
         raise UserError(f"unknown method {m!r}")
+
+    def plan(self, step: int, n: int) -> Plan:
+        """This step's Plan: the roles, and the trained / lowest / visited blocks that follow from them."""
+        return Plan(tuple(self.roles(step, n)))
 
     def roles(self, step: int, n: int) -> list[str]:
         """The role of every block at `step`: "train", "through" or "skip"."""
