@@ -17,7 +17,10 @@ inside, -100 ignored). The vocabulary is walked in chunks with an online softmax
 [tokens x vocab] logits never exist and the head weight is decompressed one chunk at a time and
 only once: each chunk adds its share of the loss normaliser and of softmax @ W to running sums
 (rescaled when the running max moves, as in flash attention). That yields the loss and
-g_N = dL/dh_N in one pass.
+g_N = dL/dh_N in one pass. The step appends tokens to its sequence (label -100) up to a multiple of
+TOKEN_MULTIPLE, and the head pads its counted tokens with zero columns likewise: CPU BLAS is
+1.3-1.6x slower at other token counts, and causal attention keeps appended tokens from changing
+anything before them.
 
 Backward, l = N-1 down to low: `skip` leaves g alone (no recompute, no decompression); `train` and
 `through` decompress the block once and reuse that copy for the recompute under autograd and its
@@ -26,6 +29,9 @@ replayed by restoring the RNG state saved before the block's forward. The lowest
 input gradient, so none is asked for. With decompress="linear" no block is decompressed whole:
 each Linear decompresses its weight into the model's workspace when it runs and again in the VJP,
 so one matrix is resident instead of a block, for one more decompression per visited Linear.
+Below STREAM_TOKENS tokens a step runs that way whatever `decompress` says: with few tokens a
+matmul is too short to hide reading a block's float weights back from memory, and a cache-sized
+chunk of rows decompressed twice costs less than one read of them from memory (less memory, too).
 
 Checkpoints on disk (activations="disk") are written to an unlinked scratch file mapped shared;
 each one's pages leave the resident set as soon as it is written (the page cache holds them, and
@@ -56,7 +62,18 @@ from ..runtime import limit_cache, release_cached
 from ..model.core import ROW_CHUNK_BYTES, CausalLM, materialized, output_unused
 
 ROLES = ("train", "through", "skip")
-VOCAB_CHUNK = 4096            # LM-head rows per chunk: 15 MB of float32 at hidden 896, under one MLP matrix
+# LM-head rows per chunk: 3.7 MB of float32 at hidden 896, so a chunk stays in cache from its
+# decompression through both of its matmuls (4096 rows, 15 MB, were 4-6% slower at 32-256 tokens)
+VOCAB_CHUNK = 1024
+# below this many tokens (batch x seq) a step decompresses one matrix at a time, a few MB of rows
+# at once, even with decompress="block": a short matmul cannot hide reading a block's float weights
+# back from memory (60 MB on Qwen2.5-0.5B, past the cache), and a cache-sized chunk decompressed
+# twice is cheaper than one read from memory (README "The engine": the measured crossover)
+STREAM_TOKENS = 128
+# MKL's sgemm runs 1.3-1.6x slower when the token dimension is not a multiple of 16 (1 thread, 1024 x
+# 896 weight: 57-72 GFLOP/s at 57, 63, 127 tokens, 91-98 at 48, 64, 80, 96, 128); a step pads its
+# sequence, and the head its counted tokens, up to one (README "The engine")
+TOKEN_MULTIPLE = 16
 DECOMPRESS = ("block", "linear")
 
 
@@ -130,6 +147,29 @@ def _draws_random(block) -> bool:
     return any(isinstance(m, torch.nn.Dropout) and m.p > 0 and m.training for m in block.modules())
 
 
+def streams(model: CausalLM, tokens: int) -> bool:
+    """Whether a step over `tokens` tokens decompresses one matrix at a time whatever `decompress`
+    says (STREAM_TOKENS): only when a block's matrices are larger than one chunk of rows, so that
+    streaming changes anything."""
+    c = model.config
+    largest = c.hidden_size * max(c.intermediate_size, c.num_heads * c.head_dim)
+    return tokens < STREAM_TOKENS and largest * model.dtype.itemsize > ROW_CHUNK_BYTES
+
+
+def _padded(n: int) -> int:
+    return -(-n // TOKEN_MULTIPLE) * TOKEN_MULTIPLE
+
+
+def _sequence_padding(model: CausalLM, S: int) -> int:
+    """Tokens to append to a batch of length S so that S is a multiple of TOKEN_MULTIPLE. Appended
+    tokens change nothing before them (causal attention) and count for nothing (label -100), so the
+    loss and gradients are those of the batch as given. None while a dropout draws random numbers:
+    its masks would then be drawn over a longer sequence than a seeded run's."""
+    if any(isinstance(m, torch.nn.Dropout) and m.p > 0 and m.training for m in model.modules()):
+        return 0
+    return _padded(S) - S
+
+
 def head_loss_and_grad(model: CausalLM, hn: torch.Tensor, targets: torch.Tensor, chunk: int | None = None):
     """Cross-entropy summed over rows of hn [T, H] with targets [T], and d(sum)/d(hn), in one pass
     over vocabulary chunks (online softmax) of `chunk` rows, VOCAB_CHUNK unless given (read at call
@@ -138,13 +178,16 @@ def head_loss_and_grad(model: CausalLM, hn: torch.Tensor, targets: torch.Tensor,
     W = model.head_weight()
     V = W.shape[0]
     cap = model.config.final_softcap
-    T = hn.shape[0]
+    T, Tp = hn.shape[0], _padded(hn.shape[0])
     # tokens along columns: W_j hn^T runs 15-30% faster than hn W_j^T on CPU BLAS at these shapes
-    # (core.Linear.forward_t); 1.69 -> 1.45 s for Qwen2.5-0.5B's head over 256 tokens on 2 cores
-    hnt = hn.t().contiguous()                                       # [H, T]
-    m = torch.full((T,), float("-inf"), dtype=torch.float32)
-    s = torch.zeros(T, dtype=torch.float32)
-    acc = torch.zeros(hn.shape[1], T, dtype=torch.float32)          # [H, T]
+    # (core.Linear.forward_t); 1.69 -> 1.45 s for Qwen2.5-0.5B's head over 256 tokens on 2 cores.
+    # Zero columns pad the tokens to a multiple of TOKEN_MULTIPLE (63 tokens: 0.66 -> 0.43 s on one
+    # thread); each column's softmax is its own, so they are dropped at the end and change nothing
+    hnt = hn.new_zeros(hn.shape[1], Tp)                             # [H, Tp]
+    hnt[:, :T] = hn.t()
+    m = torch.full((Tp,), float("-inf"), dtype=torch.float32)
+    s = torch.zeros(Tp, dtype=torch.float32)
+    acc = torch.zeros(hn.shape[1], Tp, dtype=torch.float32)         # [H, Tp]
     with model.workspace.lease([(min(chunk, V), hn.shape[1])], hn.dtype, hn.device) as (buf,):
         for lo in range(0, V, chunk):
             hi = min(lo + chunk, V)
@@ -164,7 +207,8 @@ def head_loss_and_grad(model: CausalLM, hn: torch.Tensor, targets: torch.Tensor,
             s = s * rescale + e.sum(dim=0)
             m = new_m
             W.release()                                             # file-backed: drop this chunk's pages
-    lse = m + torch.log(s)
+    lse = (m + torch.log(s))[:T]
+    acc, s = acc[:, :T], s[:T]
     Wt = W.rows(targets, hn.dtype)                                  # [T, H] rows of the targets
     W.release()
     zt = (hn * Wt).sum(-1).float()
@@ -198,10 +242,16 @@ def run_step(model: CausalLM, input_ids: torch.Tensor, labels: torch.Tensor, rol
     decompress="block" decompresses a block's weights once for its forward and once for its
     recompute and VJP together (one block's float weights resident); "linear" decompresses one
     Linear at a time when it runs, and again in the VJP: the largest matrix is resident instead of
-    the block (43 MB less on Qwen2.5-0.5B) for one more decompression per visited Linear."""
+    the block (43 MB less on Qwen2.5-0.5B) for one more decompression per visited Linear. Below
+    STREAM_TOKENS tokens (batch x seq) "block" runs as "linear" (faster there: `streams`)."""
     if decompress not in DECOMPRESS:
         raise UserError(f"decompress must be one of {', '.join(DECOMPRESS)}, got {decompress!r}")
-    by_block = decompress == "block"
+    pad = _sequence_padding(model, input_ids.shape[1])
+    if pad:         # BLAS-friendly length (TOKEN_MULTIPLE); nothing before the appended tokens changes
+        input_ids = torch.cat([input_ids, input_ids.new_zeros(input_ids.shape[0], pad)], dim=1)
+        labels = torch.cat([labels, labels.new_full((labels.shape[0], pad), -100)], dim=1)
+    B, S = input_ids.shape
+    by_block = decompress == "block" and not streams(model, B * S)
     ws = model.workspace
     ws_seconds = ws.seconds
     layers = model.model.layers
@@ -212,7 +262,6 @@ def run_step(model: CausalLM, input_ids: torch.Tensor, labels: torch.Tensor, rol
     visit = [i for i in range(low, n) if roles[i] != "skip"]
     visit_set = set(visit)
     timings = dict(forward=0.0, head=0.0, backward=0.0, decompress=0.0)
-    B, S = input_ids.shape
     dev = input_ids.device
 
     # labels are aligned with input_ids; position t predicts labels[t + 1]
