@@ -382,7 +382,7 @@ def step_cost(cfg: dict, roles: list[str], seq: int, rank: int, quant: str | Non
     written, once per pass that decompresses it."""
     h, f, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    d = h // heads
+    d = cfg.get("head_dim") or h // heads                                    # Gemma 3: 256, not h // heads
     T = seq
     lin = h * heads * d + 2 * h * kv * d + heads * d * h + 3 * h * f          # params of a block's linears
     lora = rank * ((h + heads * d) * 2 + 2 * (h + kv * d) + 3 * (h + f))     # LoRA params of a block
