@@ -208,7 +208,7 @@ def _train(settings: Settings, ddp, console, closing: contextlib.ExitStack) -> T
                     continue
                 # loss_scale = the micro-batch's counted tokens: .grad sums per-token gradients, and
                 # reduce_step divides by the count over all micro-batches and ranks (a token-weighted mean)
-                res = run_step(model, ids, labels, list(plan.roles), cfg.activations,
+                res = run_step(model, ids, labels, plan, cfg.activations,
                                loss_scale=distributed.counted_tokens(labels), recompute=cfg.recompute == "on",
                                decompress=cfg.decompress)
                 loss_sum += res.loss * res.tokens

@@ -60,8 +60,7 @@ import torch.nn.functional as F
 from ..errors import UserError
 from ..runtime import limit_cache, release_cached
 from ..model.core import ROW_CHUNK_BYTES, CausalLM, materialized, output_unused
-
-ROLES = ("train", "through", "skip")
+from .selection import ROLES, Plan
 # LM-head rows per chunk: 3.7 MB of float32 at hidden 896, so a chunk stays in cache from its
 # decompression through both of its matmuls (4096 rows, 15 MB, were 4-6% slower at 32-256 tokens)
 VOCAB_CHUNK = 1024
@@ -233,6 +232,7 @@ def run_step(model: CausalLM, input_ids: torch.Tensor, labels: torch.Tensor, rol
              loss_scale: float = 1.0, recompute: bool = True, decompress: str = "block") -> StepResult:
     """One forward and selective backward. LoRA gradients of `train` blocks are *accumulated* into
     `.grad` (scaled by loss_scale, for gradient accumulation); returns the unscaled mean loss.
+    `roles`: the step's `selection.Plan`, or a list of one role per block.
 
     recompute=False keeps the forward graph of every visited block instead of recomputing it in
     backward: it trades the memory of those blocks' activations for one block forward each. The
@@ -256,10 +256,10 @@ def run_step(model: CausalLM, input_ids: torch.Tensor, labels: torch.Tensor, rol
     ws_seconds = ws.seconds
     layers = model.model.layers
     n = len(layers)
-    roles = validate_roles(roles, n)
-    trained = [i for i, r in enumerate(roles) if r == "train"]
-    low = trained[0] if trained else n
-    visit = [i for i in range(low, n) if roles[i] != "skip"]
+    plan = roles if isinstance(roles, Plan) else Plan(tuple(validate_roles(roles, n)))
+    if len(plan.roles) != n:
+        raise ValueError(f"the plan has {len(plan.roles)} roles for a model of {n} blocks")
+    low, visit = plan.lowest, list(plan.visited)
     visit_set = set(visit)
     timings = dict(forward=0.0, head=0.0, backward=0.0, decompress=0.0)
     dev = input_ids.device
@@ -319,7 +319,7 @@ def run_step(model: CausalLM, input_ids: torch.Tensor, labels: torch.Tensor, rol
 
     for i in reversed(visit):
         block = layers[i]
-        params = block_lora_params(block) if roles[i] == "train" else []
+        params = block_lora_params(block) if plan.roles[i] == "train" else []
         need_input_grad = i > low
         if i in graphs:
             x, out = graphs.pop(i)
