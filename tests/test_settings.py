@@ -266,3 +266,12 @@ def test_a_non_editable_install_finds_the_bundled_model_and_data(tmp_path):
     assert run.stdout.startswith(str(target))                       # the installed copy, not the source tree
     assert f"model='{target / 'lcsb' / 'assets' / 'model'}' (bundled)" in run.stderr
     assert (out / "adapter_model.safetensors").exists()
+
+
+def test_a_damaged_run_config_is_one_line(finished_run, capsys):
+    (finished_run / "config.yaml").write_text("lr: [unclosed\n")
+    rc, err = cli(capsys, "train", "--resume", finished_run)
+    assert rc == 2 and f"{finished_run / 'config.yaml'}: not a valid run config" in err.strip().splitlines()[-1]
+    (finished_run / "config.yaml").write_text("- a list\n")
+    rc, err = cli(capsys, "train", "--resume", finished_run)
+    assert rc == 2 and "expected a mapping" in err.strip().splitlines()[-1]

@@ -91,6 +91,8 @@ def read_yaml(path: str | Path) -> dict:
         loaded = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
         raise UserError(f"{path} not found (--config)") from None
+    except OSError as e:
+        raise UserError(f"{path}: {e.strerror or e} (--config)") from None
     except yaml.YAMLError as e:
         raise UserError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
     if not isinstance(loaded, dict):
@@ -114,10 +116,12 @@ def _saved_run(run: Path) -> dict:
         raise UserError(f"{saved} not found: --resume needs a run folder written by `lcsb train`")
     try:
         values = yaml.safe_load(saved.read_text())
-        if not isinstance(values, dict):
-            raise TypeError("expected a mapping")
-    except (yaml.YAMLError, TypeError) as e:
+    except OSError as e:
+        raise UserError(f"{saved}: {e.strerror or e}; --resume needs to read the run's config") from None
+    except yaml.YAMLError as e:
         raise UserError(f"{saved}: not a valid run config ({' '.join(str(e).split())})") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{saved}: not a valid run config (expected a mapping of option names to values)")
     # keys of another lcsb version are dropped; the run's control fields are this call's own
     return {k: v for k, v in values.items() if k in FIELDS and FIELDS[k].metadata["on_resume"] != CONTROL}
 
