@@ -6,7 +6,7 @@ in a fresh child process (peak RSS = the child's own ru_maxrss):
   - `import torch, lcsb` alone, the floor under everything else;
   - convert_model(src, dst, "int4", 64), the number this script is for (target: < 1 GB);
   - load_model(src, quant="int4"): quantize on load from the float checkpoint;
-  - the same quantize-on-load done through quant.store.CheckpointReader (row slices, file reads);
+  - the same quantize-on-load done through model.checkpoint.CheckpointReader (row slices, file reads);
   - load_model(dst) and a walk over every block with materialized(), as the engine does.
 Results go to bench/results/convert_memory.json.
 
@@ -34,7 +34,7 @@ QWEN05 = dict(hidden=896, inter=4864, layers=24, heads=14, kv_heads=2, vocab=151
 
 CHILD = {
     "import": "",
-    "convert": "from lcsb.quant.store import convert_model\n"
+    "convert": "from lcsb.convert import convert_model\n"
                "convert_model(SRC, DST, quant='int4', group_size=64)",
     "load_quantize": "from lcsb import load_model\n"
                      "m = load_model(SRC, quant='int4', group_size=64)",
@@ -43,7 +43,7 @@ CHILD = {
                             "from lcsb.model import CausalLM, load_config\n"
                             "from lcsb.model.checkpoint import Shards\n"
                             "from lcsb.model.core import Embedding, Linear\n"
-                            "from lcsb.quant.store import CheckpointReader, _shape\n"
+                            "from lcsb.model.checkpoint import CheckpointReader, _shape\n"
                             "cfg, family = load_config(SRC)\n"
                             "with torch.device('meta'):\n"
                             "    m = CausalLM(cfg, family.Block)\n"
@@ -79,7 +79,7 @@ print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_max
 def write_checkpoint(folder: Path, seed: int = 0) -> int:
     """The Qwen2.5-0.5B layout with random bf16 weights, one tensor at a time; returns the parameter count."""
     import torch
-    from lcsb.quant.store import _ShardWriter
+    from lcsb.model.checkpoint import _ShardWriter
     h, f, n, heads, kv, vocab = (QWEN05[k] for k in ("hidden", "inter", "layers", "heads", "kv_heads", "vocab"))
     d = h // heads
     folder.mkdir(parents=True)

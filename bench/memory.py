@@ -36,7 +36,7 @@ def ensure_models(work: Path) -> Path:
               "c.write_checkpoint(Path(sys.argv[1]))", str(src))
     if not (dst / "config.json").exists():
         print(f"converting to int4 in {dst} ...", file=sys.stderr, flush=True)
-        child("import sys; from lcsb.quant.store import convert_model; convert_model(sys.argv[1], sys.argv[2], 'int4', 64)",
+        child("import sys; from lcsb.convert import convert_model; convert_model(sys.argv[1], sys.argv[2], 'int4', 64)",
               str(src), str(dst))
     return dst
 

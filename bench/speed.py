@@ -63,7 +63,7 @@ def ensure_models(work: Path, layers: int) -> dict[str, Path]:
         dst = work / f"qwen05-L{layers}-{q}"
         if not (dst / "config.json").exists():
             print(f"converting to {q} ...", file=sys.stderr, flush=True)
-            child("import sys; from lcsb.quant.store import convert_model; "
+            child("import sys; from lcsb.convert import convert_model; "
                   "convert_model(sys.argv[1], sys.argv[2], sys.argv[3], 64)", str(src), str(dst), q)
         out[q] = dst
     return out

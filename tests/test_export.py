@@ -19,7 +19,7 @@ from lcsb import data as datalib
 from lcsb import load_model
 from lcsb.cli import main
 from lcsb.model.tokenizer import load_tokenizer
-from lcsb.quant.store import convert_model
+from lcsb.convert import convert_model
 from lcsb.config import TrainConfig
 from lcsb.trainer import train
 

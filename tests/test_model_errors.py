@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 
 import lcsb
 from lcsb.errors import UserError
-from lcsb.model import FAMILIES, Linear
+from lcsb.model import FAMILIES
+from lcsb.model.core import Linear
 from lcsb.model.core import Embedding
 from lcsb.quant.formats import Dense, Int4
 

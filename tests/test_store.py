@@ -1,4 +1,4 @@
-"""lcsb.quant.store: converted folders against quantize-on-load, the safetensors library, and RSS."""
+"""Converted folders (lcsb.convert.convert_model, lcsb.model.checkpoint) against quantize-on-load, safetensors, RSS."""
 
 from __future__ import annotations
 
@@ -22,8 +22,9 @@ import hf
 from lcsb import UserError, load_model
 from lcsb.model import materialized
 from lcsb.model.core import Embedding, Linear
-from lcsb.quant import formats, store
-from lcsb.quant.store import convert_model
+from lcsb.convert import convert_model
+from lcsb.model import checkpoint as store
+from lcsb.quant import formats
 
 FAMILIES = ("llama", "qwen2", "qwen3", "gemma3")
 FMTS = ("int8", "int4", "nf4")
@@ -309,7 +310,7 @@ RSS_CHILD = textwrap.dedent("""
     import torch
     from lcsb import load_model
     from lcsb.model import materialized
-    from lcsb.quant import store
+    from lcsb.model import checkpoint as store
 
     def rss_file():
         for line in open("/proc/self/status"):

@@ -1,6 +1,6 @@
 """`lcsb convert`: write a compressed, memory-mapped copy of a model, from a checkpoint folder or a GGUF file.
 
-A Hugging Face folder is converted by `quant.store.convert_model`, streaming tensor by tensor from its
+A Hugging Face folder is converted by `convert_model`, streaming tensor by tensor from its
 safetensors. A GGUF file is loaded as lcsb runs it (memory-mapped, its matrices in their ggml types),
 and each matrix is decompressed, recompressed into `quant` and appended to the output one at a time;
 the tokenizer built from the file's vocabulary is written as tokenizer.json + tokenizer_config.json
@@ -23,7 +23,9 @@ from .model import gguf, load_config, load_model
 from .model.core import Embedding, Linear
 from .model.tokenizer import load_tokenizer
 from .quant.formats import FORMATS, check_group_size, quantize
-from .quant.store import SHARD_BYTES, _fsync_dir, _ShardWriter, _write_json, convert_model
+from .model.checkpoint import (SHARD_BYTES, TOKENIZER_FILES, CheckpointReader, Shards, _fsync_dir, _shape,
+                               _ShardWriter, _write_json, read_json)
+from .model.core import CausalLM
 
 
 def convert(src: str | Path, dst: str | Path, quant: str = "int4", group_size: int = 64,
@@ -87,4 +89,120 @@ def _convert_gguf(src: Path, dst: Path, quant: str, group_size: int, overwrite: 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return dst
+
+
+def _meta_model(src: Path):
+    """The model of `src` built on the meta device, as `load_model` builds it: it names what to store."""
+    cfg, family = load_config(src)
+    with torch.device("meta"):
+        return cfg, CausalLM(cfg, family.Block)
+
+
+def convert_model(src: str | Path, dst: str | Path, quant: str = "int4", group_size: int = 64,
+                  dtype: torch.dtype | None = None, shard_bytes: int = SHARD_BYTES, overwrite: bool = False,
+                  progress: Callable[[int, int], None] | None = None) -> Path:
+    """Write a converted copy of a Hugging Face checkpoint folder, one tensor at a time.
+
+    Args:
+        src: checkpoint folder (config.json, model*.safetensors, tokenizer files).
+        dst: the folder to create; it must not exist unless `overwrite`.
+        quant: "int8", "int4" or "nf4".
+        group_size: group size of int4 / nf4 (ignored by int8).
+        dtype: cast each float tensor to this type before quantizing it and store norms and biases
+            in it; None keeps the checkpoint's own types. `load_model(dst, dtype)` then equals
+            `load_model(src, dtype, quant=quant)` exactly when `dtype` is that same type (or None,
+            for dtypes that hold the checkpoint's values exactly).
+        shard_bytes: size of each output safetensors file.
+        overwrite: replace an existing `dst`.
+        progress: called as progress(done, total) after each stored module.
+
+    Returns the path of the converted folder.
+    """
+
+    src, dst = Path(src), Path(dst)
+    if quant not in FORMATS:
+        raise UserError(f"unknown quantization {quant!r}: choose one of {', '.join(FORMATS)}")
+    _, model = _meta_model(src)
+    raw = read_json(src / "config.json")
+    if raw.get("quantization") is not None or raw.get("quantization_config") is not None:
+        q = raw.get("quantization") or raw.get("quantization_config")
+        what = q.get("format") or q.get("quant_method") or q.get("bits") if isinstance(q, dict) else q
+        raise UserError(f"{src / 'config.json'}: this model is already quantized ({what}); convert the original "
+                        "float checkpoint, or pass this folder to --model as it is")
+    if dst.resolve() == src.resolve():
+        raise UserError(f"{dst}: the output folder is the source folder; choose another output folder")
+    if dst.exists() and not overwrite:
+        raise UserError(f"{dst} already exists; choose another output folder or remove it first")
+
+    grouped = quant in ("int4", "nf4")
+    if grouped:                                             # refuse before writing anything
+        check_group_size(group_size, quant)
+        for name, m in model.named_modules():
+            if isinstance(m, (Linear, Embedding)) and _shape(m)[1] % group_size:
+                inp = _shape(m)[1]
+                raise UserError(f"{quant}: {name} has input dimension {inp}, not a multiple of the group size "
+                                f"{group_size}; choose a --group-size that divides it")
+    shards = Shards(src)
+    if model.lm_head is None and "lm_head.weight" in shards and "model.embed_tokens.weight" not in shards:
+        raise UserError(f"{src}: tie_word_embeddings is set but the checkpoint has only lm_head.weight")
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.lcsb-tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    source = CheckpointReader(shards)
+    try:
+        writer = _ShardWriter(tmp, shard_bytes)
+        stored_params = set()
+        # module by module in model order: a block's tensors lie together in one shard
+        modules = [(n, m) for n, m in model.named_modules()
+                   if isinstance(m, (Linear, Embedding)) or any(True for _ in m.parameters(recurse=False))]
+        for i, (name, m) in enumerate(modules):
+            group = {}
+            if isinstance(m, (Linear, Embedding)):
+                w = source.weight(f"{name}.weight", _shape(m), quant, group_size, dtype)
+                group.update({f"{name}.{suffix}": t for suffix, t in w.tensors().items()})
+                del w
+            for pname, p in m.named_parameters(recurse=False):
+                key = f"{name}.{pname}"
+                t = source.tensor(key, p.shape)
+                group[key] = t.to(dtype) if dtype is not None else t
+                stored_params.add(key)
+            writer.add(group)
+            del group
+            if progress is not None:
+                progress(i + 1, len(modules))
+        missing = {n for n, _ in model.named_parameters()} - stored_params
+        assert not missing, missing                         # every float parameter belongs to some module
+        writer.close()
+
+        entry = {"format": quant}
+        if grouped:
+            entry["group_size"] = group_size
+        entry["lcsb_version"] = __version__
+        raw["quantization"] = entry
+        raw["source"] = str(src.resolve())          # the checkpoint it came from: adapters name it (PEFT, MLX)
+        _write_json(tmp / "config.json", raw)
+        for name in TOKENIZER_FILES:
+            if (src / name).is_file():
+                shutil.copy2(src / name, tmp / name)
+
+        if dst.exists():                                    # overwrite: swap, then drop the old folder
+            old = dst.parent / f".{dst.name}.lcsb-old-{os.getpid()}"
+            dst.rename(old)
+            tmp.rename(dst)
+            if old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink()
+        else:
+            tmp.rename(dst)
+        _fsync_dir(dst.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        source.close()
     return dst

@@ -427,7 +427,7 @@ def merge_adapter(cfg: LoraConfig, tensors: dict[str, torch.Tensor], where: Path
     from .model import load_config, load_model
     from .model.checkpoint import Shards
     from .model.core import Embedding
-    from .quant.store import SHARD_BYTES, TOKENIZER_FILES, _ShardWriter
+    from .model.checkpoint import SHARD_BYTES, TOKENIZER_FILES, _ShardWriter
 
     say = say or (lambda *a: None)
     load_config(base)                            # an unsupported or broken base fails here, by name

@@ -8,11 +8,10 @@ import torch
 
 from ..config import LoraConfig, ModelConfig, RawConfig
 from ..errors import UserError
-from ..quant.formats import FORMATS, quantize
-from ..quant.store import CheckpointReader
+from ..quant.formats import FORMATS
 from . import gemma3, gguf, llama, qwen2, qwen3
-from .checkpoint import Shards, read_json
-from .core import CausalLM, Embedding, KVCache, Linear, materialized
+from .checkpoint import Shards, fill_from_checkpoint, fill_from_store, read_json
+from .core import CausalLM, KVCache, materialized
 
 FAMILIES = {"llama": llama, "mistral": llama, "qwen2": qwen2, "qwen3": qwen3, "gemma3_text": gemma3}
 
@@ -87,10 +86,9 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, quant: str 
             raise UserError(f"{folder} is already compressed to {stored.get('format')} (`lcsb convert`); --quant "
                             f"{quant} cannot apply to it: leave --quant out, or convert the original checkpoint "
                             f"with --quant {quant}")
-        from ..quant.store import fill_from_store   # a folder written by `lcsb convert`
         fill_from_store(model, folder, stored)
     else:
-        _fill_from_checkpoint(model, Shards(folder), dtype, quant, group_size)
+        fill_from_checkpoint(model, Shards(folder), dtype, quant, group_size)
     model.quant = stored["format"] if stored else quant
     if adapter is not None:
         from ..lora import load_adapter
@@ -103,43 +101,3 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, quant: str 
     for p in model.lora_parameters().values():
         p.requires_grad_(True)
     return model
-
-
-def _fill_from_checkpoint(model: CausalLM, shards: Shards, dtype, quant, group_size):
-    if model.lm_head is None and "lm_head.weight" in shards and "model.embed_tokens.weight" not in shards:
-        raise UserError(f"{shards.folder}: tie_word_embeddings is set but the checkpoint has only lm_head.weight")
-    # plain reads, a slice of rows at a time: neither the float matrix nor safetensors' whole-file
-    # mapping stays resident (quantize-on-load of the Qwen2.5-0.5B shape: 733 MB peak instead of 1.8 GB)
-    with CheckpointReader(shards) as reader:
-        for name, module in model.named_modules():
-            if isinstance(module, (Linear, Embedding)):
-                key = f"{name}.weight"
-                shape = ((module.out_features, module.in_features) if isinstance(module, Linear)
-                         else (module.num_embeddings, module.embedding_dim))
-                path, _, (src_dtype, got, _, _) = reader.entry(key)
-                _check_tensor(path, key, got, src_dtype, shape)
-                try:
-                    module.weight = reader.weight(key, shape, quant, group_size, dtype)
-                except UserError as e:
-                    raise UserError(f"{key}: {e}") from None
-    for name, p in list(model.named_parameters()):
-        mod_name, _, attr = name.rpartition(".")
-        mod = model.get_submodule(mod_name)
-        t = _read(shards, name, tuple(p.shape)).to(dtype)
-        mod._parameters[attr] = torch.nn.Parameter(t, requires_grad=False)
-
-
-def _check_tensor(where, key: str, shape, dtype: torch.dtype, expected) -> None:
-    if tuple(shape) != tuple(expected):
-        raise UserError(f"{where}: weight {key!r} has shape {list(shape)} but config.json implies {list(expected)}; "
-                        "the safetensors files do not match config.json")
-    if not dtype.is_floating_point:
-        raise UserError(f"{where}: weight {key!r} is {dtype}, not a float tensor; pre-quantized checkpoints "
-                        "(GPTQ, AWQ, bitsandbytes) are not supported: use the original float checkpoint")
-
-
-def _read(shards: Shards, key: str, shape: tuple) -> torch.Tensor:
-    """One (small) checkpoint tensor, checked against the shape config.json implies."""
-    t = shards.get(key)
-    _check_tensor(shards.where[key], key, t.shape, t.dtype, shape)
-    return t

@@ -1,21 +1,68 @@
-"""Reading a Hugging Face checkpoint folder: config.json and the safetensors shards.
+"""Safetensors checkpoints, read and written: Hugging Face folders, and the folders `lcsb convert` writes.
 
-The model is built on the meta device (its Parameters are only norms and biases; base weights are
-`quant.Weight` objects set afterwards), then filled tensor by tensor from the shards. A tensor is
-read, converted or compressed, and the float original dropped before the next one, so the float
-model never exists in full when loading with `quant`.
+Reading a Hugging Face folder: config.json and the safetensors shards. The model is built on the meta
+device (its Parameters are only norms and biases; base weights are `quant.Weight` objects set afterwards),
+then filled tensor by tensor from the shards. A tensor is read, converted or compressed, and the float
+original dropped before the next one, so the float model never exists in full when loading with `quant`.
+
+The converted-model store (written by convert.convert_model, read back lazily by `fill_from_store`).
+
+Design note. A converted folder is a Hugging Face folder whose base weights are already
+compressed: config.json with a `quantization` entry, the tokenizer files, and safetensors
+shards holding, for every Linear of the blocks, the embedding and an untied LM head, the
+format's storage tensors under MLX's names (`<module>.weight`, `.scales`, `.biases` or
+`.absmax`); norms and biases stay float.
+
+Writing streams. One source tensor is read (in row slices with plain file reads: quantization is
+row-wise, so slicing changes nothing, and unlike safetensors' mapped tensors the pages read do
+not stay in our resident set), compressed and appended to the current shard's data file; a shard
+gets its header when it is full. Nothing but the module being compressed is ever in memory, so the peak
+is set by the largest matrix (the embedding), not by the model. The folder is built under a
+temporary name beside the destination and renamed into place, so a failed conversion leaves
+nothing behind.
+
+Reading maps. Each shard is memory-mapped (copy-on-write, so tensors are writable views and
+nothing can reach the file) and its header parsed here; every compressed tensor is a
+`torch.frombuffer` view of the mapping: no copy and no unpickling. Pages come in from the page
+cache when a block is dequantized and `release()`, which `core.materialized` calls when the
+block is done, hands them back with madvise(MADV_DONTNEED): resident memory holds about one
+block's weights as the engine walks the blocks. Norms and biases are copied into RAM.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
+import os
+import shutil
+import struct
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from ..errors import UserError
+from ..quant.formats import (CHUNK_ELEMENTS, FORMATS, NF4, Dense, Int4, Int8, Weight, check_group_size, quantize,
+                             weight_from_tensors)
+from .core import CausalLM, Embedding, Linear
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "chat_template.json", "generation_config.json", "tokenizer.model", "vocab.json", "merges.txt",
+                   "added_tokens.json")
+INDEX = "model.safetensors.index.json"
+SHARD_BYTES = 256 << 20      # shard size of converted folders; memory does not depend on it
+STATS = {"release": 0}       # release() calls on file-backed weights, for tests
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+# ---- Hugging Face folders: reading ------------------------------------------------------------
 
 def read_json(path: Path) -> dict:
     try:
@@ -80,3 +127,440 @@ class Shards:
 
     def get_slice(self, key):
         return self.handles[self.where[key]].get_slice(key)
+
+
+class CheckpointReader:
+    """A checkpoint's tensors read with plain file reads, a slice of rows at a time.
+
+    safetensors' own tensors are views of a mapping of the whole file: every page read stays in
+    the process's resident set until the file is closed, so reading a 1 GB checkpoint through it
+    shows 1 GB of RSS. A read into a fresh buffer leaves the file in the page cache only. `Shards`
+    still says which file holds which tensor and words the errors.
+
+    `weight()` is quantize-on-load for one matrix: rows are read, cast and compressed in slices,
+    so the float matrix never exists whole; the result equals `quantize(whole.to(dtype), ...)`
+    because every format is row-wise.
+    """
+
+    def __init__(self, shards):
+        self.shards = shards
+        self.files: dict[Path, tuple[object, dict]] = {}
+
+    def entry(self, key: str) -> tuple[Path, object, tuple]:
+        if key not in self.shards:
+            self.shards.get(key)                            # raises the checkpoint's "missing" UserError
+        path = self.shards.where[key]
+        if path not in self.files:
+            f = open(path, "rb")
+            self.files[path] = (f, _parse_header(path, f)[1])
+        f, entries = self.files[path]
+        return path, f, entries[key]
+
+    def shape(self, key: str) -> list[int]:
+        return self.entry(key)[2][1]
+
+    def rows(self, key: str, a: int, b: int) -> torch.Tensor:
+        """Rows a..b-1 of tensor `key` (rows are contiguous in the file), in a fresh buffer."""
+        path, f, (dtype, shape, start, end) = self.entry(key)
+        if not shape:
+            return self.shards.get(key).clone()
+        row = (end - start) // max(1, shape[0])
+        b = min(b, shape[0])
+        buf = torch.empty(max(0, b - a) * row, dtype=torch.uint8)
+        f.seek(start + a * row)
+        if f.readinto(buf.numpy()) != buf.numel():
+            raise UserError(f"{path}: cannot read {key!r}: the file is truncated; download or convert it again")
+        return buf.view(dtype).view(-1, *shape[1:])
+
+    def tensor(self, key: str, shape) -> torch.Tensor:
+        """The whole tensor `key`, checked against the `shape` config.json implies."""
+        got = self.shape(key)
+        if list(got) != list(shape):
+            raise UserError(f"{self.shards.where[key]}: {key!r} has shape {got} but config.json implies "
+                            f"{list(shape)}; the weights do not match config.json")
+        return self.rows(key, 0, got[0] if got else 0)
+
+    def weight(self, key: str, shape: tuple[int, int], fmt: str | None, group_size: int = 64,
+               dtype: torch.dtype | None = None) -> Weight:
+        """Matrix `key` as a Weight of format `fmt` (None: dense), each row slice cast to `dtype` first."""
+        if fmt is None or fmt == "dense":
+            t = self.tensor(key, shape)
+            return Dense(t.to(dtype) if dtype is not None else t)
+        path, _, (src_dtype, got, _, _) = self.entry(key)
+        if list(got) != list(shape):
+            raise UserError(f"{path}: {key!r} has shape {got} but config.json implies {list(shape)}; "
+                            "the weights do not match config.json")
+        if not src_dtype.is_floating_point:
+            raise UserError(f"{path}: {key!r} is {src_dtype}, not a float tensor; "
+                            "convert from a float16/bfloat16/float32 checkpoint")
+        out, inp = shape
+        step = max(1, CHUNK_ELEMENTS // max(1, inp))
+        full: dict[str, torch.Tensor] = {}
+        for a in range(0, out, step):
+            x = self.rows(key, a, a + step)
+            if dtype is not None:
+                x = x.to(dtype)
+            for suffix, t in quantize(x, fmt, group_size).tensors().items():
+                if suffix not in full:                     # every storage tensor is row-major in the output rows
+                    full[suffix] = torch.empty((out, *t.shape[1:]), dtype=t.dtype)
+                full[suffix][a:a + x.shape[0]] = t
+        return weight_from_tensors(fmt, full, shape, group_size)
+
+    def close(self):
+        for f, _ in self.files.values():
+            f.close()
+        self.files.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def fill_from_checkpoint(model: CausalLM, shards: Shards, dtype, quant, group_size):
+    if model.lm_head is None and "lm_head.weight" in shards and "model.embed_tokens.weight" not in shards:
+        raise UserError(f"{shards.folder}: tie_word_embeddings is set but the checkpoint has only lm_head.weight")
+    # plain reads, a slice of rows at a time: neither the float matrix nor safetensors' whole-file
+    # mapping stays resident (quantize-on-load of the Qwen2.5-0.5B shape: 733 MB peak instead of 1.8 GB)
+    with CheckpointReader(shards) as reader:
+        for name, module in model.named_modules():
+            if isinstance(module, (Linear, Embedding)):
+                key = f"{name}.weight"
+                shape = ((module.out_features, module.in_features) if isinstance(module, Linear)
+                         else (module.num_embeddings, module.embedding_dim))
+                path, _, (src_dtype, got, _, _) = reader.entry(key)
+                _check_tensor(path, key, got, src_dtype, shape)
+                try:
+                    module.weight = reader.weight(key, shape, quant, group_size, dtype)
+                except UserError as e:
+                    raise UserError(f"{key}: {e}") from None
+    for name, p in list(model.named_parameters()):
+        mod_name, _, attr = name.rpartition(".")
+        mod = model.get_submodule(mod_name)
+        t = _read(shards, name, tuple(p.shape)).to(dtype)
+        mod._parameters[attr] = torch.nn.Parameter(t, requires_grad=False)
+
+
+def _check_tensor(where, key: str, shape, dtype: torch.dtype, expected) -> None:
+    if tuple(shape) != tuple(expected):
+        raise UserError(f"{where}: weight {key!r} has shape {list(shape)} but config.json implies {list(expected)}; "
+                        "the safetensors files do not match config.json")
+    if not dtype.is_floating_point:
+        raise UserError(f"{where}: weight {key!r} is {dtype}, not a float tensor; pre-quantized checkpoints "
+                        "(GPTQ, AWQ, bitsandbytes) are not supported: use the original float checkpoint")
+
+
+def _read(shards: Shards, key: str, shape: tuple) -> torch.Tensor:
+    """One (small) checkpoint tensor, checked against the shape config.json implies."""
+    t = shards.get(key)
+    _check_tensor(shards.where[key], key, t.shape, t.dtype, shape)
+    return t
+
+
+# ---- writing ------------------------------------------------------------------------------------
+
+class _ShardWriter:
+    """Safetensors files of about `limit` bytes, written as tensors arrive.
+
+    A file's header lists every tensor in it, so a shard's data goes to a side file first and is
+    copied behind its header when the shard is full: one tensor in memory at a time, whatever
+    the shard size.
+    """
+
+    def __init__(self, folder: Path, limit: int):
+        self.folder, self.limit = folder, limit
+        self.done: list[tuple[Path, list[str]]] = []      # finished shards and their tensors
+        self.data = None
+        self.entries: dict[str, dict] = {}
+        self.size = 0
+        self.total = 0
+
+    def add(self, tensors: dict[str, torch.Tensor]):
+        """Append a group of tensors (one module's), kept in one shard."""
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        if self.entries and self.size + nbytes > self.limit:
+            self._finish()
+        if self.data is None:
+            self.data = open(self.folder / f"part-{len(self.done) + 1:05d}.data", "wb")
+        for name, t in tensors.items():
+            t = t.detach().cpu().contiguous()
+            n = t.numel() * t.element_size()
+            if n:
+                self.data.write(t.reshape(-1).view(torch.uint8).numpy().data)
+            self.entries[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                                  "data_offsets": [self.size, self.size + n]}
+            self.size += n
+        self.total += nbytes
+
+    def _finish(self):
+        data_path = Path(self.data.name)
+        self.data.close()
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self.entries}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)           # tensor data starts 8-byte aligned, as safetensors does
+        path = data_path.with_suffix(".safetensors")
+        with open(path, "wb") as f, open(data_path, "rb") as d:
+            f.write(struct.pack("<Q", len(header)))
+            f.write(header)
+            shutil.copyfileobj(d, f, 1 << 20)
+            f.flush()
+            os.fsync(f.fileno())
+        data_path.unlink()
+        self.done.append((path, list(self.entries)))
+        self.data, self.entries, self.size = None, {}, 0
+
+    def close(self) -> list[str]:
+        """Finish the last shard, give the shards their final names, write the index if several."""
+        if self.entries or self.data is not None:
+            self._finish()
+        n = len(self.done)
+        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        weight_map = {}
+        for (path, keys), name in zip(self.done, names):
+            path.rename(self.folder / name)
+            weight_map.update({k: name for k in keys})
+        if n > 1:
+            _write_json(self.folder / INDEX, {"metadata": {"total_size": self.total}, "weight_map": weight_map})
+        return names
+
+
+def _write_json(path: Path, obj: dict):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _shape(m) -> tuple[int, int]:
+    """[out, in] of a base Linear, [rows, dim] of the embedding."""
+    return (m.out_features, m.in_features) if hasattr(m, "out_features") else (m.num_embeddings, m.embedding_dim)
+
+
+def _fsync_dir(path: Path):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+
+# ---- converted folders: memory-mapped, read lazily --------------------------------------------
+
+def _parse_header(path: Path, f) -> tuple[int, dict[str, tuple[torch.dtype, list[int], int, int]]]:
+    """A safetensors header, checked against the file size -> (data start, {name: (dtype, shape, start, end)})
+    with absolute byte offsets. Every problem is a UserError naming the file."""
+    size = os.fstat(f.fileno()).st_size
+    head = f.read(8)
+    if len(head) < 8:
+        raise UserError(f"{path}: truncated ({size} bytes, not even a safetensors header); convert the model again")
+    (n,) = struct.unpack("<Q", head)
+    if n > size - 8 or n > 100 << 20:
+        raise UserError(f"{path}: the header says {n} bytes but the file has {size}; the file is truncated or not "
+                        "safetensors; convert the model again")
+    try:
+        header = json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: the safetensors header is not valid JSON ({e}); convert the model again") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: the safetensors header is not a JSON object; convert the model again")
+    header.pop("__metadata__", None)
+    start = 8 + n
+    entries = {}
+    for name, e in header.items():
+        try:
+            dtype = DTYPES[e["dtype"]]
+            shape = [int(s) for s in e["shape"]]
+            a, b = (int(x) for x in e["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{path}: tensor {name!r} has a malformed header entry; convert the model again") from None
+        numel = 1
+        for s in shape:
+            numel *= s
+        if min(shape, default=0) < 0 or a < 0 or b - a != numel * dtype.itemsize:
+            raise UserError(f"{path}: tensor {name!r} has a malformed header entry; convert the model again")
+        if start + b > size:
+            raise UserError(f"{path}: truncated: tensor {name!r} ends at byte {start + b} but the file has {size} "
+                            "bytes; convert the model again")
+        entries[name] = (dtype, shape, start + a, start + b)
+    return start, entries
+
+
+class _File:
+    """One safetensors file, memory-mapped; tensors are zero-copy views into the mapping."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                self.start, self.entries = _parse_header(path, f)
+                self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        except OSError as e:
+            raise UserError(f"{path}: cannot read ({e})") from None
+
+    def tensor(self, name: str) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Tensor `name` and its byte range in the file."""
+        dtype, shape, a, b = self.entries[name]
+        numel = (b - a) // dtype.itemsize
+        if numel == 0:
+            t = torch.empty(shape, dtype=dtype)
+        elif a % dtype.itemsize == 0:
+            t = torch.frombuffer(self.mm, dtype=dtype, count=numel, offset=a).view(shape)
+        else:                                               # misaligned for its type: copy (never by our writer's choice)
+            t = torch.frombuffer(self.mm, dtype=torch.uint8, count=b - a, offset=a).clone().view(dtype).view(shape)
+        return t, (a, b)
+
+
+class _FileBacked:
+    """Mixin: a weight whose storage tensors are views of memory-mapped files.
+
+    `release()` gives the pages back (they are re-read from the page cache when next touched);
+    `map()` keeps that ability when the new tensors are the same memory (a no-op `.to()`).
+    """
+
+    _ranges: tuple = ()          # (mmap, start, length), page-aligned
+
+    def release(self) -> None:
+        STATS["release"] += 1
+        if not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        for mm, start, length in self._ranges:
+            mm.madvise(mmap.MADV_DONTNEED, start, length)
+
+    def map(self, fn):
+        new = super().map(fn)
+        old, now = self.tensors(), new.tensors()
+        if all(now[k].data_ptr() == old[k].data_ptr() for k in old):
+            return _file_backed(new, self._ranges)
+        return new
+
+
+class MappedDense(_FileBacked, Dense):
+    pass
+
+
+class MappedInt8(_FileBacked, Int8):
+    pass
+
+
+class MappedInt4(_FileBacked, Int4):
+    pass
+
+
+class MappedNF4(_FileBacked, NF4):
+    pass
+
+
+MAPPED = {Dense: MappedDense, Int8: MappedInt8, Int4: MappedInt4, NF4: MappedNF4}
+
+
+def _file_backed(w: Weight, ranges) -> Weight:
+    w.__class__ = MAPPED[type(w)]
+    w._ranges = tuple(ranges)
+    return w
+
+
+def _page_ranges(spans: list[tuple[mmap.mmap, int, int]]):
+    """Byte spans -> merged page-aligned (mmap, start, length); rounding outwards only costs a re-read."""
+    page = mmap.PAGESIZE
+    out = []
+    for mm, a, b in sorted(spans, key=lambda s: (id(s[0]), s[1])):
+        a, b = a // page * page, -(-b // page) * page
+        if out and out[-1][0] is mm and a <= out[-1][2]:
+            out[-1][2] = max(out[-1][2], b)
+        else:
+            out.append([mm, a, b])
+    return [(mm, a, b - a) for mm, a, b in out]
+
+
+class _Store:
+    """Every tensor of a converted folder by name, across its mapped shards."""
+
+    def __init__(self, folder: Path):
+        from ..model.checkpoint import read_json
+        self.folder = folder
+        index = folder / INDEX
+        if index.exists():
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise UserError(f"{index}: no 'weight_map' object; convert the model again")
+            names = sorted(set(weight_map.values()))
+        else:
+            names = sorted(p.name for p in folder.glob("*.safetensors"))
+            if not names:
+                raise UserError(f"{folder}: no *.safetensors files; convert the model again")
+        self.where: dict[str, _File] = {}
+        for name in names:
+            path = folder / name
+            if not path.exists():
+                raise UserError(f"{path} not found, but the index lists it; the converted folder is incomplete")
+            f = _File(path)
+            for k in f.entries:
+                self.where[k] = f
+
+    def get(self, key: str) -> tuple[torch.Tensor, tuple[mmap.mmap, int, int]]:
+        f = self.where.get(key)
+        if f is None:
+            raise UserError(f"{self.folder}: tensor {key!r} is missing from the converted model; "
+                            "convert the model again")
+        t, (a, b) = f.tensor(key)
+        return t, (f.mm, a, b)
+
+
+def _expected(fmt: str, group_size: int, shape: tuple[int, int]) -> dict[str, tuple[tuple, torch.dtype]]:
+    """Storage tensor shapes and types of a [out, in] weight: those of one quantized row, `out` times."""
+    one = quantize(torch.zeros(1, shape[1]), fmt, group_size).tensors()
+    return {k: ((shape[0], *t.shape[1:]), t.dtype) for k, t in one.items()}
+
+
+def fill_from_store(model, folder: str | Path, stored: dict):
+    """Fill a meta-device model from a converted folder: base weights stay in the files.
+
+    Args:
+        model: a `CausalLM` built on the meta device; `model.dtype` is the compute type.
+        folder: the converted folder.
+        stored: its config.json `quantization` entry ({"format", "group_size", ...}).
+    """
+    folder = Path(folder)
+    where = folder / "config.json"
+    if not isinstance(stored, dict) or stored.get("format") not in FORMATS:
+        what = stored.get("format") if isinstance(stored, dict) else stored
+        raise UserError(f"{where}: quantization format {what!r} is not one lcsb writes ({', '.join(FORMATS)}); "
+                        "convert the original checkpoint with `lcsb convert`")
+    fmt = stored["format"]
+    group_size = stored.get("group_size", 64) if fmt in ("int4", "nf4") else 0
+    if fmt in ("int4", "nf4"):
+        check_group_size(group_size, f"{where}: quantization")
+    store = _Store(folder)
+    for name, m in model.named_modules():
+        if not isinstance(m, (Linear, Embedding)):
+            continue
+        shape = _shape(m)
+        tensors, spans = {}, []
+        for suffix, (want_shape, want_dtype) in _expected(fmt, group_size, shape).items():
+            key = f"{name}.{suffix}"
+            t, span = store.get(key)
+            ok = tuple(t.shape) == want_shape and (
+                t.dtype == want_dtype or (t.dtype.is_floating_point and want_dtype.is_floating_point))
+            if not ok:
+                raise UserError(f"{store.where[key].path}: {key!r} is {t.dtype} {list(t.shape)} but {fmt} "
+                                f"(group {group_size}) and config.json imply {want_dtype} {list(want_shape)}; "
+                                "convert the model again")
+            tensors[suffix] = t
+            spans.append(span)
+        m.weight = _file_backed(weight_from_tensors(fmt, tensors, shape, group_size), _page_ranges(spans))
+    for name, p in list(model.named_parameters()):
+        mod_name, _, attr = name.rpartition(".")
+        t, _ = store.get(name)
+        if tuple(t.shape) != tuple(p.shape):
+            raise UserError(f"{store.where[name].path}: {name!r} has shape {list(t.shape)} but config.json implies "
+                            f"{list(p.shape)}; convert the model again")
+        # norms and biases are small: copy them out of the mapping
+        model.get_submodule(mod_name)._parameters[attr] = torch.nn.Parameter(
+            t.to(model.dtype, copy=True), requires_grad=False)

@@ -36,7 +36,7 @@ from ..atomic import write_atomic
 from ..errors import UserError
 from ..quant.formats import quantize
 from ..quant.ggml import GGMLWeight, tensor_nbytes
-from ..quant.store import _FileBacked
+from .checkpoint import _FileBacked
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
