@@ -154,7 +154,7 @@ def _chat_kind(question: str) -> str:
 def _metric(task: str, model_dir: str, adapter, data: str, test_limit: int, final_eval_loss=None) -> dict:
     """The task metric of the model (with the adapter of a run folder, or the base model when None)."""
     from lcsb.evaluate import exact_match, label_accuracy
-    from lcsb.model import load_model
+    from lcsb import load_model
     from lcsb.model.tokenizer import load_tokenizer
 
     t0 = time.perf_counter()

@@ -24,7 +24,7 @@ import torch
 from lcsb.config import LoraConfig, RawConfig
 from lcsb.engine.executor import block_lora_params, run_step
 from lcsb.engine.selection import Selection
-from lcsb.lora import add_lora
+from lcsb.model.lora import add_lora
 from lcsb.model import qwen2
 from lcsb.model.core import CausalLM, Embedding, Linear
 from lcsb.optim import BlockOptimizer

@@ -322,7 +322,7 @@ def test_preview_answers_before_and_after(tiny4, chat_data, tmp_path, capsys):
     """--preview N: N held-out prompts with the base model's and the tuned model's greedy answers, and an
     evaluation of the base model at step 0 so the run's curve has its start."""
     from lcsb.evaluate import generate_text
-    from lcsb.model import load_model
+    from lcsb import load_model
     from lcsb.model.tokenizer import load_tokenizer
 
     out = tmp_path / "run"

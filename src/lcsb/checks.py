@@ -14,6 +14,9 @@ import math
 from pathlib import Path
 from .config import LORA_TARGETS, LoraConfig, TrainConfig
 from .errors import UserError
+from .lora import check_adapter
+from .memory import parse_size
+from .quant.formats import check_group_size
 
 _KINDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
           "list": "a list of strings"}
@@ -68,10 +71,8 @@ def check_ranges(cfg: TrainConfig):
     if bad or not cfg.targets:
         raise UserError(f"--targets {' '.join(cfg.targets) or '(none)'}: choose among {', '.join(LORA_TARGETS)}")
     if cfg.quant in ("int4", "nf4"):
-        from .quant.formats import check_group_size
         check_group_size(cfg.group_size, f"--group-size ({cfg.quant})")
     if cfg.max_memory is not None:
-        from .memory import parse_size
         parse_size(cfg.max_memory)
     if cfg.out is not None and Path(cfg.out).exists() and not Path(cfg.out).is_dir():
         raise UserError(f"--out {cfg.out} is a file; the run folder must be a folder (new or a run's)")
@@ -97,6 +98,5 @@ def check_fit(cfg: TrainConfig, mcfg, selection_cls) -> tuple[object, LoraConfig
     selection = selection_cls(cfg.method, cfg.groups, cfg.grouping, cfg.interval, cfg.active, cfg.order,
                               cfg.seed, cfg.full_every).validate(n)
     if cfg.adapter:
-        from .lora import check_adapter
         return selection, check_adapter(cfg.adapter, mcfg, cfg.model)
     return selection, LoraConfig(cfg.rank, cfg.alpha, cfg.dropout, tuple(cfg.targets))

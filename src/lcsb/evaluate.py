@@ -20,6 +20,9 @@ import torch
 
 from . import data as datalib
 from .engine.executor import eval_step
+from .lora import load_model
+from .model import load_config
+from .model.tokenizer import load_tokenizer
 from .errors import UserError
 from .model.core import CausalLM, KVCache
 
@@ -71,9 +74,6 @@ def evaluate_data(model_path: str | Path, data: str | Path, adapter: str | Path 
         say: called with the data summary line.
     Returns `evaluate`'s dict plus "file" and "records".
     """
-    from .model import load_config, load_model
-    from .model.tokenizer import load_tokenizer
-
     if batch_size <= 0:
         raise UserError(f"--batch-size must be positive, got {batch_size}")
     if max_batches < 0:

@@ -1,4 +1,5 @@
-"""LoRA adapters: add them, read / write them in PEFT's layout, export them (PEFT, MLX-LM, merged, GGUF).
+"""LoRA adapter files: read / write them in PEFT's layout, load a model with one, export them (PEFT, MLX-LM,
+merged, GGUF). The LoRA layers themselves are model/lora.py.
 
 PEFT layout: adapter_config.json + adapter_model.safetensors with keys
 `base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight` (A [r, in], B [out, r]);
@@ -20,29 +21,33 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .atomic import write_atomic
 from .config import LORA_TARGETS, LoraConfig
 from .errors import UserError
-from .model import gguf
-from .model.checkpoint import read_json
-from .model.core import CausalLM, Linear
+from .model import gguf, load_config
+from .model import load_model as load_base_model
+from .model.checkpoint import SHARD_BYTES, TOKENIZER_FILES, Shards, _ShardWriter, read_json
+from .model.core import CausalLM, Embedding, Linear
+from .model.lora import add_lora
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-def target_linears(model: CausalLM, targets) -> dict[str, Linear]:
-    """The LoRA-able projections of every block, by module name, filtered to `targets`."""
-    return {n: m for n, m in model.model.layers.named_modules(prefix="model.layers")
-            if isinstance(m, Linear) and n.rsplit(".", 1)[-1] in targets}
-
-
-def add_lora(model: CausalLM, cfg: LoraConfig) -> None:
-    for m in target_linears(model, cfg.targets).values():
-        m.add_lora(cfg)
-    model.lora_config = cfg
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, quant: str | None = None,
+               group_size: int = 64, lora: LoraConfig | None = None, adapter: str | Path | None = None) -> CausalLM:
+    """`lcsb.load_model`: a model (model.load_model's arguments) with fresh LoRA layers (`lora`) or a PEFT
+    adapter folder's (`adapter`: adapter_config.json + adapter_model.safetensors), its LoRA trainable.
+    An adapter made for another model is refused before a weight loads."""
+    if adapter is not None:
+        check_adapter(adapter, load_config(path)[0], Path(path))
+    model = load_base_model(path, dtype, quant, group_size, lora=None if adapter is not None else lora)
+    if adapter is not None:
+        load_adapter(model, adapter)
+    return model
 
 
 def peft_config(cfg: LoraConfig, base_model: str | None) -> dict:
@@ -112,8 +117,6 @@ def check_adapter(path: str | Path, mcfg, model: str | Path | None = None) -> Lo
     Reads adapter_config.json and only the header of adapter_model.safetensors (names and shapes).
     Every mismatch names the adapter file and what differs: layers, targets, rank or a projection's size.
     """
-    from safetensors import SafetensorError, safe_open
-
     folder = adapter_folder(path)
     cfg = read_adapter_config(folder)
     cfg_path, weights = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
@@ -380,8 +383,6 @@ def export_adapter(adapter: str | Path, to: str, out: str | Path, model: str | P
 def gguf_adapter_file(cfg: LoraConfig, tensors: dict[str, torch.Tensor], where: Path, base: Path, out: Path,
                       overwrite: bool = False) -> Path:
     """Write the adapter as a llama.cpp LoRA GGUF file for the base GGUF `base` (atomically)."""
-    from .model import load_config
-
     mcfg, _ = load_config(base)                 # a broken or unsupported base fails here, by name
     g = gguf.read_gguf(base)
     out = Path(out)
@@ -424,11 +425,6 @@ def merge_adapter(cfg: LoraConfig, tensors: dict[str, torch.Tensor], where: Path
     config.json loses its "quantization" entry: a float checkpoint that transformers loads.
     One tensor is in memory at a time.
     """
-    from .model import load_config, load_model
-    from .model.checkpoint import Shards
-    from .model.core import Embedding
-    from .model.checkpoint import SHARD_BYTES, TOKENIZER_FILES, _ShardWriter
-
     say = say or (lambda *a: None)
     load_config(base)                            # an unsupported or broken base fails here, by name
     raw = read_json(base / "config.json")
@@ -458,7 +454,7 @@ def merge_adapter(cfg: LoraConfig, tensors: dict[str, torch.Tensor], where: Path
         say(f"note: {base} is a quantized `lcsb convert` folder ({quant.get('format') if isinstance(quant, dict) else quant}); "
             f"the adapter is merged into its dequantized weights, stored as {str(out_dtype).removeprefix('torch.')} "
             "(the quantization error of the base stays in the result)")
-        model = load_model(base)                 # file-backed: one module's weights resident at a time
+        model = load_base_model(base)            # file-backed: one module's weights resident at a time
         for name, m in model.named_modules():
             if isinstance(m, (Linear, Embedding)):
                 key = f"{name}.weight"

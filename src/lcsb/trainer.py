@@ -36,9 +36,9 @@ from .engine.executor import block_lora_params, run_step
 from .engine.selection import Selection
 from .errors import UserError
 from .evaluate import evaluate, generate_text
-from .lora import save_adapter
+from .lora import load_model, save_adapter
 from .memory import check_budget, estimate_run, parse_size, peak_rss
-from .model import load_config, load_model
+from .model import load_config
 from .model.tokenizer import load_tokenizer
 from .optim import BlockOptimizer, clip_grad_norm, schedule_factor
 from .runstate import (Position, as_oserror, latest_checkpoint, load_checkpoint, save_checkpoint,

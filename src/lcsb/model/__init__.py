@@ -12,6 +12,7 @@ from ..quant.formats import FORMATS
 from . import gemma3, gguf, llama, qwen2, qwen3
 from .checkpoint import Shards, fill_from_checkpoint, fill_from_store, read_json
 from .core import CausalLM, KVCache, materialized
+from .lora import add_lora
 
 FAMILIES = {"llama": llama, "mistral": llama, "qwen2": qwen2, "qwen3": qwen3, "gemma3_text": gemma3}
 
@@ -54,26 +55,24 @@ def _parse_config(raw: dict, cfg_path: str) -> tuple[ModelConfig, object]:
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, quant: str | None = None,
-               group_size: int = 64, lora: LoraConfig | None = None, adapter: str | Path | None = None) -> CausalLM:
-    """Load a Hugging Face checkpoint folder, an `lcsb convert` folder or a GGUF file.
+               group_size: int = 64, lora: LoraConfig | None = None) -> CausalLM:
+    """Load a Hugging Face checkpoint folder, an `lcsb convert` folder or a GGUF file (`lcsb.load_model`, in
+    lora.py, also loads an adapter onto it).
 
     Args:
         path: folder with config.json and model*.safetensors (sharded or not), or a .gguf file (its
             matrices stay in their ggml types, memory-mapped).
         dtype: float type of dense weights and of the computation.
         quant: compress base weights on load, one tensor at a time: "int8", "int4", "nf4" or None
-            (refused for a GGUF file whose weights are quantized already).
+            (refused for a GGUF file whose weights are quantized already, and for a converted folder of
+            another format).
         group_size: group size of int4 / nf4.
-        lora: add fresh LoRA adapters with this configuration.
-        adapter: load a PEFT adapter folder (adapter_config.json + adapter_model.safetensors).
+        lora: add fresh LoRA adapters with this configuration (trainable; every base weight is frozen).
     """
     folder = Path(path)
     cfg, family = load_config(folder)
     if quant is not None and quant not in FORMATS:
         raise UserError(f"unknown quantization {quant!r}: choose one of {', '.join(FORMATS)}")
-    if adapter is not None:
-        from ..lora import check_adapter
-        check_adapter(adapter, cfg, folder)     # an adapter made for another model fails before the weights load
     stored = cfg.raw.get("quantization")
     with torch.device("meta"):
         model = CausalLM(cfg, family.Block)
@@ -90,14 +89,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, quant: str 
     else:
         fill_from_checkpoint(model, Shards(folder), dtype, quant, group_size)
     model.quant = stored["format"] if stored else quant
-    if adapter is not None:
-        from ..lora import load_adapter
-        load_adapter(model, adapter)
-    elif lora is not None:
-        from ..lora import add_lora
-        add_lora(model, lora)
     model.eval()
     model.requires_grad_(False)
-    for p in model.lora_parameters().values():
-        p.requires_grad_(True)
+    if lora is not None:
+        add_lora(model, lora)          # new parameters: trainable
     return model

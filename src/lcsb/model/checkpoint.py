@@ -483,7 +483,6 @@ class _Store:
     """Every tensor of a converted folder by name, across its mapped shards."""
 
     def __init__(self, folder: Path):
-        from ..model.checkpoint import read_json
         self.folder = folder
         index = folder / INDEX
         if index.exists():

@@ -37,6 +37,7 @@ from ..errors import UserError
 from ..quant.formats import quantize
 from ..quant.ggml import GGMLWeight, tensor_nbytes
 from .checkpoint import _FileBacked
+from .core import Embedding, Linear
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -471,8 +472,6 @@ def _mapped(g: GGUFFile, name: str, shape: tuple[int, int], order: torch.Tensor 
 def fill_from_gguf(model, g: GGUFFile, quant: str | None = None, group_size: int = 64) -> None:
     """Fill a meta-device `CausalLM` from a GGUF file: matrices stay in the file in their ggml types
     (or, with `quant`, float matrices are compressed on load), norms and biases are copied out."""
-    from .core import Embedding, Linear
-
     cfg = model.config
     names = gguf_names(g.arch, cfg.num_layers)
     for name, m in model.named_modules():
