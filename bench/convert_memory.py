@@ -42,7 +42,7 @@ CHILD = {
     "load_quantize_reader": "from pathlib import Path\n"
                             "from lcsb.model import CausalLM, load_config\n"
                             "from lcsb.model.checkpoint import Shards\n"
-                            "from lcsb.model.core import Embedding, Linear\n"
+                            "from lcsb.model.linear import Embedding, Linear\n"
                             "from lcsb.model.checkpoint import CheckpointReader, _shape\n"
                             "cfg, family = load_config(SRC)\n"
                             "with torch.device('meta'):\n"

@@ -26,7 +26,8 @@ from lcsb.engine.executor import block_lora_params, run_step
 from lcsb.engine.selection import Selection
 from lcsb.model.lora import add_lora
 from lcsb.model import qwen2
-from lcsb.model.core import CausalLM, Embedding, Linear
+from lcsb.model.core import CausalLM
+from lcsb.model.linear import Embedding, Linear
 from lcsb.optim import BlockOptimizer
 from lcsb.quant.formats import quantize
 
@@ -376,7 +377,7 @@ def step_cost(cfg: dict, roles: list[str], seq: int, rank: int, quant: str | Non
 
     Forward: every block's linears and attention, the LM head. Head backward: softmax @ W. Each
     visited block: its recompute (when on) without down_proj's output, which the VJP never reads
-    (core.output_unused), and its input-gradient VJP (one more linear pass, less the input
+    (linear.output_unused), and its input-gradient VJP (one more linear pass, less the input
     gradients of the lowest visited block's q/k/v/gate/up, which nothing needs); `train` blocks
     also the LoRA weight gradients. Decompression: the block's compressed bytes read and float bytes
     written, once per pass that decompresses it."""

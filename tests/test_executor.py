@@ -31,8 +31,8 @@ import hf
 import lcsb
 from lcsb.engine import executor
 from lcsb.engine.selection import Selection
-from lcsb.model import core
-from lcsb.model.core import Embedding, Linear
+from lcsb.model import linear as compressed
+from lcsb.model.linear import Embedding, Linear
 from lcsb.quant import formats
 
 FAMILIES = ["llama", "qwen2", "qwen3", "gemma3"]
@@ -368,13 +368,13 @@ def test_vjp_skips_the_output_matmul(zoo, family, decompress, seed, monkeypatch)
     spec = getattr(type(ours.model.layers[0]), "OUTPUT_LINEAR", None)
     assert (spec == "mlp.down_proj") == (family != "gemma3")
     skipped = []
-    real = core._InputGradOnlyFn.forward
+    real = compressed._InputGradOnlyFn.forward
 
     def spy(ctx, x, linear, transposed):
         skipped.append(linear)
         return real(ctx, x, linear, transposed)
 
-    monkeypatch.setattr(core._InputGradOnlyFn, "forward", staticmethod(spy))
+    monkeypatch.setattr(compressed._InputGradOnlyFn, "forward", staticmethod(spy))
     ids, labels = batch(seed)
     for roles in (["train"] * N, ["skip", "train", "through", "skip"]):
         skipped.clear()
@@ -395,11 +395,10 @@ def test_vjp_skips_the_output_matmul(zoo, family, decompress, seed, monkeypatch)
 def test_streamed_linear_by_row_chunks(fmt, seed, monkeypatch):
     """A matrix decompressed 64 rows at a time gives x W^T and x W as the whole matrix does, through a
     workspace of 64 rows."""
-    from lcsb.model.core import Workspace, streamed_linear
-    from lcsb.model import core
+    from lcsb.model.linear import Workspace, streamed_linear
     g = torch.Generator().manual_seed(seed)
     W = formats.quantize(torch.randn(300, 128, generator=g), None if fmt == "dense" else fmt, 32)
-    monkeypatch.setattr(core, "ROW_CHUNK_BYTES", 64 * 128 * 4)
+    monkeypatch.setattr(compressed, "ROW_CHUNK_BYTES", 64 * 128 * 4)
     x, gy = torch.randn(2, 5, 128, generator=g), torch.randn(2, 5, 300, generator=g)
     ws = Workspace()
     before = formats.STATS["dequantize"]

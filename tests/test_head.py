@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from lcsb.engine import executor
-from lcsb.model.core import Workspace
+from lcsb.model.linear import Workspace
 from lcsb.quant.formats import quantize
 
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from lcsb.model.core import Workspace
+from lcsb.model.linear import Workspace
 from lcsb.quant import kernels
 from lcsb.quant.formats import NF4_CODE, quantize
 

@@ -29,7 +29,7 @@ from lcsb.engine.selection import Selection
 from lcsb.errors import UserError
 from lcsb.memory import MB, estimate, max_visited, parse_size
 from lcsb.model import load_config, load_model
-from lcsb.model.core import materialized
+from lcsb.model.linear import materialized
 
 
 @pytest.mark.parametrize("text, mb", [("800MB", 800), ("800mb", 800), ("2GB", 2048), ("1.5G", 1536), ("800", 800),

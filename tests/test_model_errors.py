@@ -15,8 +15,7 @@ from safetensors.torch import load_file, save_file
 import lcsb
 from lcsb.errors import UserError
 from lcsb.model import FAMILIES
-from lcsb.model.core import Linear
-from lcsb.model.core import Embedding
+from lcsb.model.linear import Embedding, Linear
 from lcsb.quant.formats import Dense, Int4
 
 import hf

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 import hf
 from lcsb import UserError, load_model
 from lcsb.model import materialized
-from lcsb.model.core import Embedding, Linear
+from lcsb.model.linear import Embedding, Linear
 from lcsb.convert import convert_model
 from lcsb.model import checkpoint as store
 from lcsb.quant import formats

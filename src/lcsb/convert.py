@@ -20,7 +20,7 @@ import torch
 from . import __version__
 from .errors import UserError
 from .model import gguf, load_config, load_model
-from .model.core import Embedding, Linear
+from .model.linear import Embedding, Linear
 from .model.tokenizer import load_tokenizer
 from .quant.formats import FORMATS, check_group_size, quantize
 from .model.checkpoint import (SHARD_BYTES, TOKENIZER_FILES, CheckpointReader, Shards, _fsync_dir, _shape,

@@ -30,7 +30,8 @@ from .errors import UserError
 from .model import gguf, load_config
 from .model import load_model as load_base_model
 from .model.checkpoint import SHARD_BYTES, TOKENIZER_FILES, Shards, _ShardWriter, read_json
-from .model.core import CausalLM, Embedding, Linear
+from .model.core import CausalLM
+from .model.linear import Embedding, Linear
 from .model.lora import add_lora
 
 ADAPTER_CONFIG = "adapter_config.json"

@@ -15,7 +15,7 @@ What is resident at the step's peak (executor.py's design note says why each exi
 - base weights, compressed: all of them when they were loaded into RAM; for a folder made by
   `lcsb convert` (memory-mapped, pages released after use) only one block and one vocabulary
   chunk of the LM head.
-- the decompression workspace (core.Workspace, one buffer reused for the whole run): one block's
+- the decompression workspace (linear.Workspace, one buffer reused for the whole run): one block's
   float weights (`materialized` decompresses a block once for its forward, and again for its
   recompute and VJP), or with decompress="linear" its largest matrix; at least one vocabulary chunk
   of the head. Nothing for float32 weights: their "decompression" is the weight.

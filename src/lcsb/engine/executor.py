@@ -59,7 +59,8 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from ..runtime import limit_cache, release_cached
-from ..model.core import ROW_CHUNK_BYTES, CausalLM, materialized, output_unused
+from ..model.core import CausalLM
+from ..model.linear import ROW_CHUNK_BYTES, materialized, output_unused
 from .selection import ROLES, Plan
 # LM-head rows per chunk: 3.7 MB of float32 at hidden 896, so a chunk stays in cache from its
 # decompression through both of its matmuls (4096 rows, 15 MB, were 4-6% slower at 32-256 tokens)
@@ -179,7 +180,7 @@ def head_loss_and_grad(model: CausalLM, hn: torch.Tensor, targets: torch.Tensor,
     cap = model.config.final_softcap
     T, Tp = hn.shape[0], _padded(hn.shape[0])
     # tokens along columns: W_j hn^T runs 15-30% faster than hn W_j^T on CPU BLAS at these shapes
-    # (core.Linear.forward_t); 1.69 -> 1.45 s for Qwen2.5-0.5B's head over 256 tokens on 2 cores.
+    # (linear.Linear.forward_t); 1.69 -> 1.45 s for Qwen2.5-0.5B's head over 256 tokens on 2 cores.
     # Zero columns pad the tokens to a multiple of TOKEN_MULTIPLE (63 tokens: 0.66 -> 0.43 s on one
     # thread); each column's softmax is its own, so they are dropped at the end and change nothing
     hnt = hn.new_zeros(hn.shape[1], Tp)                             # [H, Tp]
@@ -237,7 +238,7 @@ def run_step(model: CausalLM, input_ids: torch.Tensor, labels: torch.Tensor, rol
     recompute=False keeps the forward graph of every visited block instead of recomputing it in
     backward: it trades the memory of those blocks' activations for one block forward each. The
     base weights are not kept in float: each Linear saves its compressed weight for backward and
-    decompresses it there (`core._CompressedLinearFn`), so decompressions per pass stay the same.
+    decompresses it there (`linear._CompressedLinearFn`), so decompressions per pass stay the same.
 
     decompress="block" decompresses a block's weights once for its forward and once for its
     recompute and VJP together (one block's float weights resident); "linear" decompresses one
@@ -304,7 +305,7 @@ def run_step(model: CausalLM, input_ids: torch.Tensor, labels: torch.Tensor, rol
     h = h.detach().requires_grad_(bool(visit))
     with torch.enable_grad():
         hn = model.model.norm(h)[counted]                        # [T, H]
-    # by linear, the head's chunks are no bigger than a matrix's (core.ROW_CHUNK_BYTES): the workspace stays small
+    # by linear, the head's chunks are no bigger than a matrix's (linear.ROW_CHUNK_BYTES): the workspace stays small
     head_chunk = None if by_block else max(256, ROW_CHUNK_BYTES // (hn.shape[1] * hn.element_size()))
     loss_sum, g_hn = head_loss_and_grad(model, hn.detach(), shifted[counted], head_chunk)
     loss = loss_sum.item() / n_tokens

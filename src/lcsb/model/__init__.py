@@ -11,7 +11,8 @@ from ..errors import UserError
 from ..quant.formats import FORMATS
 from . import gemma3, gguf, llama, qwen2, qwen3
 from .checkpoint import Shards, fill_from_checkpoint, fill_from_store, read_json
-from .core import CausalLM, KVCache, materialized
+from .core import CausalLM, KVCache
+from .linear import materialized
 from .lora import add_lora
 
 FAMILIES = {"llama": llama, "mistral": llama, "qwen2": qwen2, "qwen3": qwen3, "gemma3_text": gemma3}

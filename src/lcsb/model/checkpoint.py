@@ -24,7 +24,7 @@ nothing behind.
 Reading maps. Each shard is memory-mapped (copy-on-write, so tensors are writable views and
 nothing can reach the file) and its header parsed here; every compressed tensor is a
 `torch.frombuffer` view of the mapping: no copy and no unpickling. Pages come in from the page
-cache when a block is dequantized and `release()`, which `core.materialized` calls when the
+cache when a block is dequantized and `release()`, which `linear.materialized` calls when the
 block is done, hands them back with madvise(MADV_DONTNEED): resident memory holds about one
 block's weights as the engine walks the blocks. Norms and biases are copied into RAM.
 """
@@ -44,7 +44,8 @@ from safetensors import SafetensorError, safe_open
 from ..errors import UserError
 from ..quant.formats import (CHUNK_ELEMENTS, FORMATS, NF4, Dense, Int4, Int8, Weight, check_group_size, quantize,
                              weight_from_tensors)
-from .core import CausalLM, Embedding, Linear
+from .core import CausalLM
+from .linear import Embedding, Linear
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "chat_template.json", "generation_config.json", "tokenizer.model", "vocab.json", "merges.txt",

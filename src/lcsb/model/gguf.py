@@ -37,7 +37,7 @@ from ..errors import UserError
 from ..quant.formats import quantize
 from ..quant.ggml import GGMLWeight, tensor_nbytes
 from .checkpoint import _FileBacked
-from .core import Embedding, Linear
+from .linear import Embedding, Linear
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32

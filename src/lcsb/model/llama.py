@@ -13,7 +13,7 @@ def parse_config(raw: RawConfig) -> ModelConfig:
 
 
 class Block(nn.Module):
-    # the Linear whose output only adds into the block's output (core.output_unused)
+    # the Linear whose output only adds into the block's output (linear.output_unused)
     OUTPUT_LINEAR = "mlp.down_proj"
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):

@@ -1,4 +1,4 @@
-"""The LoRA layers: which projections get them, and adding them (core.Linear holds A, B and the scale).
+"""The LoRA layers: which projections get them, and adding them (linear.Linear holds A, B and the scale).
 
 Adapter files (PEFT, MLX-LM, merged, GGUF) are read and written one layer up, in lcsb/lora.py.
 """
@@ -6,7 +6,8 @@ Adapter files (PEFT, MLX-LM, merged, GGUF) are read and written one layer up, in
 from __future__ import annotations
 
 from ..config import LoraConfig
-from .core import CausalLM, Linear
+from .core import CausalLM
+from .linear import Linear
 
 
 def target_linears(model: CausalLM, targets) -> dict[str, Linear]:
