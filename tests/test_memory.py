@@ -172,3 +172,36 @@ def test_over_budget_is_refused_before_loading_weights(tiny4, tmp_path, monkeypa
     assert line.startswith("lcsb: error: estimated peak memory") and "exceeds --max-memory 100 MB" in line, line
     assert "--max-seq-len" in line and "--quant int4" in line and "Traceback" not in err
     assert not out.exists()
+
+
+def test_lora_state_bytes_follow_dtype_and_trained_blocks(tiny4):
+    """The LoRA part of the estimate is the bytes of the tensors that exist after a step: the factors and
+    optimizer moments of every block and gradients of the trained blocks only, counted here from a real
+    step of lcsb K=2 with AdamW, in float32 and bfloat16."""
+    from lcsb.engine.executor import block_lora_params, run_step
+    from lcsb.model.lora import set_lora_dtype
+    from lcsb.memory import max_trained
+    from lcsb.optim import BlockOptimizer
+    cfg, _ = load_config(tiny4)
+    n = cfg.num_layers
+    sel = Selection("lcsb", groups=2).validate(n)
+    for dtype in ("float32", "bfloat16"):
+        model = load_model(tiny4, lora=LoraConfig(8))
+        set_lora_dtype(model, dtype)
+        opt = BlockOptimizer([block_lora_params(b) for b in model.model.layers], lr=1e-3)
+        ids = torch.randint(0, cfg.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+        roles = sel.roles(0, n)
+        run_step(model, ids, ids, roles)
+        opt.step({i for i, r in enumerate(roles) if r == "train"})     # before zero_grad: all of it exists
+        params = list(model.lora_parameters().values())
+        live = sum(t.numel() * t.element_size() for p in params
+                   for t in [p, p.grad, *[v for v in opt.state.get(p, {}).values() if torch.is_tensor(v)]]
+                   if t is not None)
+        assert sum(p.grad is not None for p in params) == len(params) // 2      # half the blocks trained
+        est = estimate(cfg, fmt=None, group_size=64, mapped=False, lora=LoraConfig(8), visited=max_visited(sel, n, 10),
+                       recompute=True, batch=1, seq=16, counted=15, optimizer="adamw", momentum=0.0, runtime=0,
+                       lora_dtype=dtype, trained=max_trained(sel, n, 10))
+        assert est.parts["LoRA + optimizer"] == live, (dtype, est.parts, live)
+    with pytest.raises(KeyError):
+        estimate(cfg, fmt=None, group_size=64, mapped=False, lora=LoraConfig(8), visited=1, recompute=True, batch=1,
+                 seq=16, counted=15, optimizer="adamw", momentum=0.0, runtime=0, lora_dtype="float16")

@@ -137,7 +137,8 @@ def estimate(mcfg: ModelConfig, *, fmt: str | None, group_size: int, mapped: boo
              visited: int, recompute: bool, batch: int, seq: int, counted: int, optimizer: str,
              momentum: float, runtime: int, vocab_chunk: int | None = None,
              malloc_tuned: bool = False, decompress: str = "block", activations: str = "ram",
-             caching: bool = False, weight_bits: dict | None = None) -> MemoryEstimate:
+             caching: bool = False, weight_bits: dict | None = None, lora_dtype: str = "float32",
+             trained: int | None = None) -> MemoryEstimate:
     """Peak resident bytes of a training run (see the design note).
 
     Args:
@@ -155,6 +156,9 @@ def estimate(mcfg: ModelConfig, *, fmt: str | None, group_size: int, mapped: boo
         activations: "ram", or "disk" (checkpoints leave the resident set once written).
         weight_bits: fmt "gguf": bits per weight of the block matrices, the embedding and the head
             ({"block", "embed", "head"}), from the file.
+        lora_dtype: "float32" or "bfloat16": the type of the LoRA factors, their gradients and the
+            optimizer's state (model.lora.set_lora_dtype).
+        trained: the most blocks trained in one step (default: visited); only they hold gradients.
     """
     from .engine.executor import VOCAB_CHUNK
     from .quant.formats import CHUNK_ELEMENTS
@@ -212,10 +216,15 @@ def estimate(mcfg: ModelConfig, *, fmt: str | None, group_size: int, mapped: boo
     # shifted logits for the counted tokens, their running sums and gradient rows, and h with its gradient
     lm_head = F32 * (c * H * (1 if dense else 0) + 3 * counted * c + 5 * counted * H + 2 * tokens * H)
 
-    n_lora = L * sum(lora.rank * (i + o) for n, (i, o) in linears.items() if n in lora.targets)
+    per_block = sum(lora.rank * (i + o) for n, (i, o) in linears.items() if n in lora.targets)
+    n_lora = L * per_block
     states = 2 if optimizer == "adamw" else (1 if momentum else 0)
-    lora_bytes = F32 * n_lora * (2 + states)
-    checkpoint_write = F32 * n_lora * (1 + states)       # the tensors handed to safetensors when saving
+    nbytes = {"float32": F32, "bfloat16": 2}[lora_dtype]
+    trained = visited if trained is None else trained    # a block not trained this step has no gradient buffer
+    lora_bytes = nbytes * (n_lora * (1 + states) + per_block * trained)
+    # saving a checkpoint: safetensors (0.4 on) writes from the tensors' own memory; only the adapter of
+    # bfloat16 factors is converted to float32 first (lora.save_adapter)
+    checkpoint_write = 0 if lora_dtype == "float32" else F32 * n_lora
 
     # glibc keeps freed memory for reuse up to its trim threshold, which it raises to twice the largest
     # block freed so far (at most 2 x 32 MB): the resident set runs that much above the live tensors
@@ -247,6 +256,11 @@ def max_visited(selection, n: int, steps: int) -> int:
         if most == n:
             break
     return most
+
+
+def max_trained(selection, n: int, steps: int) -> int:
+    """The most blocks trained in any of the first `steps` steps: only they hold gradient buffers."""
+    return max((sum(1 for r in selection.roles(t, n) if r == "train") for t in range(min(steps, 512))), default=0)
 
 
 def warm_up():
@@ -285,7 +299,9 @@ def estimate_run(cfg, mcfg: ModelConfig, lora: LoraConfig, selection, examples, 
                     batch=b, seq=seq, counted=max(1, counted), optimizer=cfg.optimizer, momentum=cfg.momentum,
                     runtime=current_rss() if runtime is None else runtime, malloc_tuned=_malloc_tuned(),
                     decompress=cfg.decompress, activations=cfg.activations, caching=_caching(),
-                    weight_bits=stored.get("bits_per_weight") if isinstance(stored, dict) else None)
+                    weight_bits=stored.get("bits_per_weight") if isinstance(stored, dict) else None,
+                    lora_dtype=getattr(cfg, "lora_dtype", "float32"),
+                    trained=max_trained(selection, mcfg.num_layers, steps))
 
 
 def check_budget(est: MemoryEstimate, limit: int, option: str = "--max-memory"):

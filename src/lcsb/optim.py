@@ -9,6 +9,14 @@ learning-rate schedules.
   trained again.
 The update is torch's AdamW / SGD arithmetic, op for op (tests compare bit for bit with
 torch.optim); this module decides which parameters get a zero gradient, none, or a fresh state.
+
+LoRA factors stored in bfloat16 (`--lora-dtype bfloat16`, model.lora.set_lora_dtype) keep their gradients
+and optimizer state in bfloat16 too. Their update is the same arithmetic on float32 copies of one
+tensor at a time, rounded back *stochastically*: round-to-nearest would lose every update smaller than
+half a bfloat16 step (0.2% of the weight: at lr 1e-4 nearly all of them) and AdamW's v <- 0.999 v
+would never move. The rounding bits of a tensor come from a generator seeded by the tensor's own
+bits (and its index and `seed`): no state to save, a resumed run rounds exactly as an uninterrupted
+one, and data-parallel ranks, whose parameters are equal, round alike.
 """
 
 from __future__ import annotations
@@ -49,7 +57,7 @@ class BlockOptimizer:
 
     def __init__(self, blocks: list[list[torch.nn.Parameter]], lr: float, kind: str = "adamw",
                  weight_decay: float = 0.01, betas=(0.9, 0.999), eps: float = 1e-8, momentum: float = 0.0,
-                 inactive: str = "momentum", lr_scales: list[float] | None = None):
+                 inactive: str = "momentum", lr_scales: list[float] | None = None, seed: int = 0):
         if lr <= 0:
             raise UserError(f"--lr must be positive, got {lr}")
         if inactive not in INACTIVE:
@@ -67,6 +75,8 @@ class BlockOptimizer:
         self.state: dict[torch.nn.Parameter, dict] = {}
         self.last_trained: set[int] = set()
         self._zero = torch.zeros(())
+        self.seed, self._gen = seed, torch.Generator()      # stochastic rounding of bfloat16 state
+        self._index = {p: i for i, p in enumerate(self.params)}
 
     def set_lr_factor(self, f: float):
         self.lr = self.base_lr * f
@@ -87,14 +97,34 @@ class BlockOptimizer:
         self.last_trained = set(trained)
 
     def _update(self, p, g, scale: float = 1.0):
+        lr = self.lr * scale if scale != 1.0 else self.lr
         st = self.state.get(p)
-        lr, wd = self.lr * scale if scale != 1.0 else self.lr, self.weight_decay
+        if p.dtype != torch.bfloat16:         # float32 (float64 in tests): in place, torch's arithmetic
+            st = self._apply(p, g, st, lr)
+            if st is not None:
+                self.state[p] = st
+            return
+        # a low-precision parameter: the same arithmetic on float32 copies, rounded back stochastically
+        bits = int(p.detach().view(torch.int16).sum(dtype=torch.int64))
+        self._gen.manual_seed((bits * 1_000_003 + self._index[p] * 7919 + self.seed) % (1 << 63))
+        w = p.float()
+        st = self._apply(w, None if g is None else g.float(), None if st is None else
+                         {k: v.float() if torch.is_tensor(v) else v for k, v in st.items()}, lr)
+        p.copy_(stochastic_round(w, p.dtype, self._gen))
+        if st is not None:
+            self.state[p] = {k: stochastic_round(v, p.dtype, self._gen) if torch.is_tensor(v) else v
+                             for k, v in st.items()}
+
+    def _apply(self, p, g, st: dict | None, lr: float) -> dict | None:
+        """Update `p` in place with gradient `g` (None: zero) and state `st` (None: fresh), as torch.optim
+        does; returns the state."""
+        wd = self.weight_decay
         if self.kind == "sgd":
             if wd:
                 g = p.mul(wd) if g is None else g.add(p, alpha=wd)
             if self.momentum:
                 if st is None:
-                    st = self.state[p] = {"momentum_buffer": torch.zeros_like(p) if g is None else g.clone()}
+                    st = {"momentum_buffer": torch.zeros_like(p) if g is None else g.clone()}
                     buf = st["momentum_buffer"]
                 else:
                     buf = st["momentum_buffer"].mul_(self.momentum)
@@ -103,9 +133,9 @@ class BlockOptimizer:
                 g = buf
             if g is not None:
                 p.add_(g, alpha=-lr)
-            return
+            return st
         if st is None:
-            st = self.state[p] = {"step": 0, "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+            st = {"step": 0, "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
         b1, b2 = self.betas
         st["step"] += 1
         p.mul_(1 - lr * wd)
@@ -120,6 +150,7 @@ class BlockOptimizer:
         bias2 = 1 - b2 ** st["step"]
         denom = (v.sqrt() / math.sqrt(bias2)).add_(self.eps)
         p.addcdiv_(m, denom, value=-(lr / bias1))
+        return st
 
     def zero_grad(self):
         for p in self.params:
@@ -138,6 +169,22 @@ class BlockOptimizer:
                 st["step"] = int(st["step"])
         self.last_trained = set(d["last_trained"])
         self.lr, self.base_lr = d.get("lr", self.lr), d.get("base_lr", self.base_lr)
+        for p, st in self.state.items():       # the state keeps the parameter's type (float32 or bfloat16)
+            for k, v in st.items():
+                if torch.is_tensor(v) and v.is_floating_point() and v.dtype != p.dtype:
+                    st[k] = v.to(p.dtype)
+
+
+def stochastic_round(x: torch.Tensor, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """float32 `x` rounded to bfloat16 up or down at random, up with probability equal to the distance
+    from the lower neighbour over the step: E[result] = x. Adds 16 random bits below bfloat16's last
+    mantissa bit and truncates (bfloat16 is the top half of a float32)."""
+    if dtype == torch.float32:
+        return x
+    if dtype != torch.bfloat16:
+        raise ValueError(f"stochastic rounding to {dtype} is not implemented (float32 or bfloat16)")
+    noise = torch.randint(0, 1 << 16, x.shape, generator=gen, dtype=torch.int32)
+    return ((x.contiguous().view(torch.int32) + noise) & -65536).view(torch.float32).to(dtype)
 
 
 def clip_grad_norm(params, max_norm: float) -> float:

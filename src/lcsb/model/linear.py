@@ -118,7 +118,10 @@ class Linear(nn.Module):
             if self.bias is not None:
                 y = y + self.bias
         if self.lora_A is not None:
-            y = y + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+            # the factors may be stored in bfloat16 (model.lora.set_lora_dtype); they compute in x's type, so float32
+            # factors run exactly as nn.Linear would (.to of the same type is the tensor itself)
+            A, B = self.lora_A.weight.to(x.dtype), self.lora_B.weight.to(x.dtype)
+            y = y + F.linear(F.linear(self.lora_dropout(x), A), B) * self.scaling
         return y
 
     def forward_t(self, xt):
@@ -140,7 +143,7 @@ class Linear(nn.Module):
         if self.lora_A is not None:
             # dropout draws its mask in [T, in] order, as forward() does, so a seeded run is the same
             d = xt if isinstance(self.lora_dropout, nn.Identity) else self.lora_dropout(xt.t().contiguous()).t()
-            y = y + torch.mm(self.lora_B.weight, torch.mm(self.lora_A.weight, d)) * self.scaling
+            y = y + torch.mm(self.lora_B.weight.to(xt.dtype), torch.mm(self.lora_A.weight.to(xt.dtype), d)) * self.scaling
         return y
 
     def _apply(self, fn, recurse=True):
