@@ -205,3 +205,37 @@ def test_lora_state_bytes_follow_dtype_and_trained_blocks(tiny4):
     with pytest.raises(KeyError):
         estimate(cfg, fmt=None, group_size=64, mapped=False, lora=LoraConfig(8), visited=1, recompute=True, batch=1,
                  seq=16, counted=15, optimizer="adamw", momentum=0.0, runtime=0, lora_dtype="float16")
+
+
+def test_fit_suggestion_names_the_fewest_settings_that_fit(tiny4):
+    """Between the estimates of two rungs of the ladder, the suggestion is exactly the flags up to the rung
+    that fits (the one before does not), its estimate is `estimate` with those settings, and the refusal
+    names it; below everything it suggests nothing and the refusal keeps its general advice."""
+    from types import SimpleNamespace
+    from lcsb.memory import check_budget, estimate_run, fit_suggestion
+    wide, _ = load_config(tiny4)
+    cfg = SimpleNamespace(quant="int4", group_size=32, batch_size=2, max_seq_len=256, recompute="on", optimizer="adamw",
+                          momentum=0.0, decompress="block", activations="ram", lora_dtype="float32")
+    class Ex(list):          # a tokenized example: its tokens and how many count in the loss
+        n_trained = 200
+    examples = [Ex(range(256)) for _ in range(4)]
+    lora, sel = LoraConfig(16), Selection("full").validate(wide.num_layers)
+
+    def est(**kw):
+        return estimate_run(SimpleNamespace(**{**vars(cfg), **kw}), wide, lora, sel, examples, 10, runtime=200 * MB)
+    now = est().total
+    two = est(decompress="linear", activations="disk").total
+    three = est(decompress="linear", activations="disk", lora_dtype="bfloat16").total
+    assert three < two < now
+    limit = (two + three) // 2
+    flags, fits = fit_suggestion(cfg, wide, lora, sel, examples, 10, limit, 200 * MB)
+    assert flags == "--decompress linear --activations disk --lora-dtype bfloat16" and fits.total == three
+    with pytest.raises(UserError, match=r"add --decompress linear --activations disk --lora-dtype bfloat16 to fit "
+                                        rf"\(estimated {three / MB:.0f} MB\), or raise --max-memory"):
+        check_budget(est(), limit, suggestion=(flags, fits))
+    assert fit_suggestion(cfg, wide, lora, sel, examples, 10, 201 * MB, 200 * MB) is None
+    with pytest.raises(UserError, match="lower --max-seq-len"):
+        check_budget(est(), 201 * MB, suggestion=None)
+    rank = fit_suggestion(cfg, wide, lora, sel, examples, 10, est(decompress="linear", activations="disk",
+                          lora_dtype="bfloat16", batch_size=1).total - 1, 200 * MB)
+    assert rank is not None and rank[0].endswith("--batch-size 1 --rank 8 --alpha 16"), rank

@@ -46,7 +46,8 @@ import math
 import re
 import resource
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from types import SimpleNamespace
 
 import torch
 
@@ -304,12 +305,48 @@ def estimate_run(cfg, mcfg: ModelConfig, lora: LoraConfig, selection, examples, 
                     trained=max_trained(selection, mcfg.num_layers, steps))
 
 
-def check_budget(est: MemoryEstimate, limit: int, option: str = "--max-memory"):
-    """Refuse a run whose estimate exceeds `limit` bytes: one line with the parts and what helps."""
+# settings that lower the peak, cheapest in what they change first: the same gradients (recompute,
+# decompression, checkpoints on disk), then nearly the same training (bfloat16 LoRA state), then a different one
+_FIT_LADDER = (("recompute", "on", "--recompute on"), ("decompress", "linear", "--decompress linear"),
+               ("activations", "disk", "--activations disk"), ("lora_dtype", "bfloat16", "--lora-dtype bfloat16"),
+               ("batch_size", 1, "--batch-size 1"))
+
+
+def fit_suggestion(cfg, mcfg: ModelConfig, lora: LoraConfig, selection, examples, steps: int, limit: int,
+                   runtime: int) -> tuple[str, MemoryEstimate] | None:
+    """The fewest flags, taken in `_FIT_LADDER`'s order and then halving --rank (down to 4), under which
+    `estimate_run` fits `limit` bytes: (flags, their estimate), or None when even all of them do not fit.
+    `cfg` is only read (a TrainConfig or anything with its fields); `runtime` as measured for the run."""
+    changes, flags = {}, []
+    for key, value, flag in _FIT_LADDER:
+        if getattr(cfg, key, None) == value or (key == "batch_size" and cfg.batch_size <= 1):
+            continue
+        changes[key] = value
+        flags.append(flag)
+        est = estimate_run(SimpleNamespace(**{**vars(cfg), **changes}), mcfg, lora, selection, examples, steps, runtime)
+        if est.total <= limit:
+            return " ".join(flags), est
+    rank = lora.rank
+    while rank > 4:
+        rank //= 2
+        small = replace(lora, rank=rank, alpha=lora.alpha * rank / lora.rank)    # the same scaling alpha / r
+        est = estimate_run(SimpleNamespace(**{**vars(cfg), **changes}), mcfg, small, selection, examples, steps, runtime)
+        if est.total <= limit:
+            return " ".join([*flags, f"--rank {rank} --alpha {small.alpha:g}"]), est
+    return None
+
+
+def check_budget(est: MemoryEstimate, limit: int, option: str = "--max-memory",
+                 suggestion: tuple[str, MemoryEstimate] | None = None):
+    """Refuse a run whose estimate exceeds `limit` bytes: one line with the parts and what helps; with
+    `suggestion` (fit_suggestion's answer), the flags that would make this run fit."""
     if est.total <= limit:
         return
     parts = ", ".join(f"{k} {v / MB:.0f}" for k, v in est.parts.items())
-    raise UserError(f"estimated peak memory {est.total / MB:.0f} MB exceeds {option} {limit / MB:.0f} MB ({parts}); "
-                    "lower --max-seq-len or --batch-size, compress the base weights (--quant int4, or `lcsb convert`), "
-                    "keep --recompute on, train fewer blocks per step (--method lcsb with more --groups), "
-                    f"or raise {option}")
+    head = f"estimated peak memory {est.total / MB:.0f} MB exceeds {option} {limit / MB:.0f} MB ({parts}); "
+    if suggestion is not None:
+        flags, fits = suggestion
+        raise UserError(head + f"add {flags} to fit (estimated {fits.total / MB:.0f} MB), or raise {option}")
+    raise UserError(head + "lower --max-seq-len or --batch-size, compress the base weights (--quant int4, or "
+                    "`lcsb convert`), keep --recompute on, train fewer blocks per step (--method lcsb with more "
+                    f"--groups), or raise {option}")
