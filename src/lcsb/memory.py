@@ -52,7 +52,9 @@ from types import SimpleNamespace
 import torch
 
 from .config import LoraConfig, ModelConfig
+from .engine.executor import VOCAB_CHUNK
 from .errors import UserError
+from .quant.formats import CHUNK_ELEMENTS, quantize
 
 MB = 1 << 20
 _UNITS = {"": MB, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": MB, "mb": MB, "mib": MB,
@@ -118,7 +120,6 @@ def _weight_bytes(fmt: str | None, out: int, inp: int, group_size: int, name: st
         return out * inp * F32
     if fmt == "gguf":
         return int(out * inp * bits / 8)
-    from .quant.formats import quantize
     try:
         row = quantize(torch.zeros(1, inp), fmt, group_size).tensors()   # the format's bytes for one row
     except UserError as e:
@@ -161,9 +162,6 @@ def estimate(mcfg: ModelConfig, *, fmt: str | None, group_size: int, mapped: boo
             optimizer's state (model.lora.set_lora_dtype).
         trained: the most blocks trained in one step (default: visited); only they hold gradients.
     """
-    from .engine.executor import VOCAB_CHUNK
-    from .quant.formats import CHUNK_ELEMENTS
-
     L, H, V, I = mcfg.num_layers, mcfg.hidden_size, mcfg.vocab_size, mcfg.intermediate_size
     dq, dkv = mcfg.num_heads * mcfg.head_dim, mcfg.num_kv_heads * mcfg.head_dim
     tokens = batch * seq
