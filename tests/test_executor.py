@@ -506,6 +506,40 @@ def test_dropout_masks_replayed(zoo, family, roles, seed):
 # 9. the head: Gemma's final softcap, and a vocabulary spread over many chunks
 
 
+@pytest.mark.parametrize("family,softcap", [("llama", None), ("gemma3", 5.0)])
+def test_generation_and_scoring_share_the_head_loop(zoo, family, softcap, seed, monkeypatch):
+    """Logits (generation) and token log-probabilities (scoring) walk the head in VOCAB_CHUNK rows through
+    the model's workspace, as training does, and equal transformers + PEFT's."""
+    over = {} if softcap is None else {"final_logit_softcapping": softcap}
+    ours = zoo.ours(family, **over)
+    _, _, oracle = zoo.setup(family, **over)
+    monkeypatch.setattr(compressed, "VOCAB_CHUNK", 7)
+    W = ours.head_weight()
+    seen, real_block = [], type(W).row_block
+
+    def row_block(self, lo, hi, dtype=torch.float32, out=None):
+        if self is W:
+            seen.append((lo, hi, out is not None))
+        return real_block(self, lo, hi, dtype, out)
+
+    monkeypatch.setattr(type(W), "row_block", row_block)
+    ids, labels = batch(seed)
+    with torch.no_grad():
+        ref = oracle(input_ids=ids).logits.float()
+        got = ours(ids)
+        assert seen == [(lo, min(lo + 7, 96), True) for lo in range(0, 96, 7)]   # chunks of 7, in the workspace
+        assert rel(got, ref) < TOL
+        seen.clear()
+        h = ours.embed(ids)                                  # the last block's output, as scoring has it
+        ctx = ours.context(0, ids.shape[1])
+        for block in ours.model.layers:
+            h = block(h, ctx)
+        targets = ids[0]
+        logp = ours.token_logprobs(h[0], targets)
+        want = torch.log_softmax(ref[0].double(), dim=-1).gather(1, targets[:, None])[:, 0]
+        assert len(seen) == 14 and (logp.double() - want).abs().max() < 1e-4
+
+
 @pytest.mark.parametrize("family,softcap", [("llama", None), ("qwen2", None), ("qwen3", None),
                                             ("gemma3", None), ("gemma3", 5.0), ("gemma3", 0.5)])
 def test_head_chunks_and_softcap(zoo, family, softcap, seed, monkeypatch):
@@ -513,7 +547,7 @@ def test_head_chunks_and_softcap(zoo, family, softcap, seed, monkeypatch):
     ours = zoo.ours(family, **over)
     _, _, oracle = zoo.setup(family, **over)
     assert ours.config.final_softcap == softcap
-    monkeypatch.setattr(executor, "VOCAB_CHUNK", 7)
+    monkeypatch.setattr(compressed, "VOCAB_CHUNK", 7)
     W = ours.head_weight()
     seen = []
     real_block = type(W).row_block

@@ -52,8 +52,8 @@ from types import SimpleNamespace
 import torch
 
 from .config import LoraConfig, ModelConfig
-from .engine.executor import VOCAB_CHUNK
 from .errors import UserError
+from .model.linear import VOCAB_CHUNK
 from .quant.formats import CHUNK_ELEMENTS, quantize
 
 MB = 1 << 20

@@ -55,16 +55,12 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import UserError
 from ..runtime import limit_cache, release_cached
 from ..model.core import CausalLM
-from ..model.linear import ROW_CHUNK_BYTES, materialized, output_unused
+from ..model.linear import ROW_CHUNK_BYTES, materialized, output_unused, softcap, vocab_chunks
 from .selection import ROLES, Plan
-# LM-head rows per chunk: 3.7 MB of float32 at hidden 896, so a chunk stays in cache from its
-# decompression through both of its matmuls (4096 rows, 15 MB, were 4-6% slower at 32-256 tokens)
-VOCAB_CHUNK = 1024
 # below this many tokens (batch x seq) a step decompresses one matrix at a time, a few MB of rows
 # at once, even with decompress="block": a short matmul cannot hide reading a block's float weights
 # back from memory (60 MB on Qwen2.5-0.5B, past the cache), and a cache-sized chunk decompressed
@@ -172,11 +168,9 @@ def _sequence_padding(model: CausalLM, S: int) -> int:
 
 def head_loss_and_grad(model: CausalLM, hn: torch.Tensor, targets: torch.Tensor, chunk: int | None = None):
     """Cross-entropy summed over rows of hn [T, H] with targets [T], and d(sum)/d(hn), in one pass
-    over vocabulary chunks (online softmax) of `chunk` rows, VOCAB_CHUNK unless given (read at call
-    time, so it can be changed). Returns (loss_sum, grad_hn [T, H])."""
-    chunk = chunk or VOCAB_CHUNK
+    over vocabulary chunks (online softmax) of `chunk` rows, linear.VOCAB_CHUNK unless given (`vocab_chunks`,
+    the loop evaluation and generation share). Returns (loss_sum, grad_hn [T, H])."""
     W = model.head_weight()
-    V = W.shape[0]
     cap = model.config.final_softcap
     T, Tp = hn.shape[0], _padded(hn.shape[0])
     # tokens along columns: W_j hn^T runs 15-30% faster than hn W_j^T on CPU BLAS at these shapes
@@ -188,25 +182,18 @@ def head_loss_and_grad(model: CausalLM, hn: torch.Tensor, targets: torch.Tensor,
     m = torch.full((Tp,), float("-inf"), dtype=torch.float32)
     s = torch.zeros(Tp, dtype=torch.float32)
     acc = torch.zeros(hn.shape[1], Tp, dtype=torch.float32)         # [H, Tp]
-    with model.workspace.lease([(min(chunk, V), hn.shape[1])], hn.dtype, hn.device) as (buf,):
-        for lo in range(0, V, chunk):
-            hi = min(lo + chunk, V)
-            Wj = W.row_block(lo, hi, hn.dtype, out=buf[:hi - lo])   # [c, H], decompressed once
-            z = (Wj @ hnt).float()                                  # [c, T] logits of this chunk
-            if cap is not None:
-                t = torch.tanh(z / cap)
-                z, dz = t * cap, 1 - t * t                          # capped logits and their slope
-            new_m = torch.maximum(m, z.amax(dim=0))
-            rescale = torch.exp(m - new_m)
-            e = torch.exp(z - new_m)
-            if cap is not None:
-                e_w = e * dz
-            else:
-                e_w = e
-            acc = acc * rescale + (Wj.t() @ e_w.to(hn.dtype)).float()
-            s = s * rescale + e.sum(dim=0)
-            m = new_m
-            W.release()                                             # file-backed: drop this chunk's pages
+    for _, _, Wj in vocab_chunks(W, hn.dtype, model.workspace, chunk, hn.device):   # Wj [c, H], decompressed once
+        z = (Wj @ hnt).float()                                      # [c, T] logits of this chunk
+        if cap is not None:
+            t = torch.tanh(z / cap)
+            z, dz = t * cap, 1 - t * t                              # capped logits and their slope
+        new_m = torch.maximum(m, z.amax(dim=0))
+        rescale = torch.exp(m - new_m)
+        e = torch.exp(z - new_m)
+        e_w = e * dz if cap is not None else e
+        acc = acc * rescale + (Wj.t() @ e_w.to(hn.dtype)).float()
+        s = s * rescale + e.sum(dim=0)
+        m = new_m
     lse = (m + torch.log(s))[:T]
     acc, s = acc[:, :T], s[:T]
     Wt = W.rows(targets, hn.dtype)                                  # [T, H] rows of the targets
@@ -381,25 +368,21 @@ def eval_step(model: CausalLM, input_ids: torch.Tensor, labels: torch.Tensor) ->
             h = block(h, ctx)
     hn = model.model.norm(h)[counted]
     targets = shifted[counted]
-    W, cap = model.head_weight(), model.config.final_softcap
+    cap = model.config.final_softcap
     best = torch.full((hn.shape[0],), float("-inf"))
     arg = torch.zeros(hn.shape[0], dtype=torch.long)
     m = torch.full((hn.shape[0],), float("-inf"))
     s = torch.zeros(hn.shape[0])
     zt = torch.zeros(hn.shape[0])
-    for lo in range(0, W.shape[0], VOCAB_CHUNK):
-        ids = torch.arange(lo, min(lo + VOCAB_CHUNK, W.shape[0]))
-        z = (hn @ W.row_block(lo, lo + len(ids), hn.dtype).T).float()
-        if cap is not None:
-            z = torch.tanh(z / cap) * cap
+    for lo, hi, Wj in vocab_chunks(model.head_weight(), hn.dtype, model.workspace, device=hn.device):
+        z = softcap((hn @ Wj.T).float(), cap)
         cmax, carg = z.max(dim=1)
         better = cmax > best
         best, arg = torch.where(better, cmax, best), torch.where(better, carg + lo, arg)
         new_m = torch.maximum(m, cmax)
         s = s * torch.exp(m - new_m) + torch.exp(z - new_m[:, None]).sum(1)
         m = new_m
-        W.release()
-        inside = (targets >= lo) & (targets < lo + len(ids))
+        inside = (targets >= lo) & (targets < hi)
         zt[inside] = z[inside, targets[inside] - lo]
     loss_sum = float((m + torch.log(s) - zt).sum())
     release_cached()

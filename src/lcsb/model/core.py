@@ -20,7 +20,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..quant.formats import Weight
-from .linear import Embedding, Linear, Workspace
+from .linear import Embedding, Linear, Workspace, softcap, vocab_chunks
 
 
 class RMSNorm(nn.Module):
@@ -237,30 +237,21 @@ class CausalLM(nn.Module):
 
     def logits(self, h):
         """Final norm and LM head over hidden states h [B, S, hidden] -> float32 logits [B, S, V]."""
-        # vocabulary chunks: the head (often the largest matrix) is never decompressed whole
-        W, hn = self.head_weight(), self.model.norm(h)
-        chunks = []
-        for lo in range(0, W.shape[0], 16384):
-            chunks.append(F.linear(hn, W.row_block(lo, min(lo + 16384, W.shape[0]), h.dtype)).float())
-            W.release()
-        out = torch.cat(chunks, dim=-1)
-        if self.config.final_softcap is not None:
-            out = torch.tanh(out / self.config.final_softcap) * self.config.final_softcap
-        return out
+        hn = self.model.norm(h)
+        out = torch.cat([F.linear(hn, Wj).float()
+                         for _, _, Wj in vocab_chunks(self.head_weight(), h.dtype, self.workspace, device=h.device)],
+                        dim=-1)
+        return softcap(out, self.config.final_softcap)
 
     def token_logprobs(self, h, targets):
         """log p(targets) under the final norm and LM head: h [T, hidden], targets [T] -> float32 [T],
         in vocabulary chunks with a running log-sum-exp, so the [T, vocab] logits never exist (scoring labels
         at Gemma's 262k vocabulary would otherwise build gigabytes of them)."""
-        W, hn = self.head_weight(), self.model.norm(h)
+        hn = self.model.norm(h)
         lse = torch.full((h.shape[0],), float("-inf"), device=h.device)
         picked = torch.zeros(h.shape[0], device=h.device)
-        for lo in range(0, W.shape[0], 16384):
-            hi = min(lo + 16384, W.shape[0])
-            z = F.linear(hn, W.row_block(lo, hi, h.dtype)).float()
-            W.release()
-            if self.config.final_softcap is not None:
-                z = torch.tanh(z / self.config.final_softcap) * self.config.final_softcap
+        for lo, hi, Wj in vocab_chunks(self.head_weight(), h.dtype, self.workspace, device=h.device):
+            z = softcap(F.linear(hn, Wj).float(), self.config.final_softcap)
             lse = torch.logaddexp(lse, torch.logsumexp(z, dim=-1))
             inside = (targets >= lo) & (targets < hi)
             picked[inside] = z[inside, targets[inside] - lo]
