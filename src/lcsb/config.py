@@ -299,7 +299,7 @@ class TrainConfig:
     group_size: int = _opt(64, "int4/nf4 group size (32, 64, 128)", positive)
     recompute: str = _opt("on", "on: recompute trained blocks in backward (least memory); off: keep their forward "
                                 "graphs (faster, more memory)", choices=("on", "off"), on_resume=APPLY)
-    activations: str = _opt("ram", "where block checkpoints live (disk: a memory-mapped file, out of the resident set)",
+    activations: str = _opt("ram", "where the saved block inputs live (disk: a memory-mapped file, out of the resident set)",
                             choices=("ram", "disk"), on_resume=APPLY)
     decompress: str = _opt("block", "block: decompress a visited block once for its recompute and VJP; linear: one "
                                     "matrix at a time, again in the VJP (less memory, a little slower)",

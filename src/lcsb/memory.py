@@ -238,7 +238,7 @@ def estimate(mcfg: ModelConfig, *, fmt: str | None, group_size: int, mapped: boo
     # quantize-on-load: a row slice of the matrix being compressed, cast and quantized (three copies)
     load = runtime + base + (0 if dense or mapped else 3 * F32 * min(CHUNK_ELEMENTS, V * H))
     parts = {"runtime": runtime, "base weights": base, "block float weights": block_float,
-             "checkpoints" if recompute else "saved graphs": checkpoints, "block activations": activations,
+             "block inputs" if recompute else "saved graphs": checkpoints, "block activations": activations,
              "LM head pass": lm_head, "LoRA + optimizer": lora_bytes, "allocator slack": slack}
     return MemoryEstimate(int(max(step, load) + slack), {k: int(v) for k, v in parts.items()})
 

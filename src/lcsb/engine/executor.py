@@ -81,8 +81,9 @@ class StepResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-class _Checkpoints:
-    """Block-input checkpoints of one step, in RAM or in a memory-mapped scratch file."""
+class _BlockInputs:
+    """The saved inputs of the blocks the backward visits (MeBP's block-boundary checkpoints; not run
+    checkpoints, not model checkpoints), for one step, in RAM or in a memory-mapped scratch file."""
 
     def __init__(self, mode: str, count: int, shape, dtype):
         self.mode, self.slots = mode, {}
@@ -265,7 +266,7 @@ def run_step(model: CausalLM, input_ids: torch.Tensor, labels: torch.Tensor, rol
     widest = max(model.config.intermediate_size, model.config.hidden_size)
     limit_cache(max(64 << 20, 8 * B * S * widest * model.dtype.itemsize))
     t0 = time.perf_counter()
-    ckpt = _Checkpoints(activations, len(visit) if recompute else 0, (B, S, model.config.hidden_size), model.dtype)
+    inputs = _BlockInputs(activations, len(visit) if recompute else 0, (B, S, model.config.hidden_size), model.dtype)
     rng_states, graphs = {}, {}
     with torch.no_grad():
         h = model.embed(input_ids)
@@ -279,7 +280,7 @@ def run_step(model: CausalLM, input_ids: torch.Tensor, labels: torch.Tensor, rol
                 h = out.detach()
                 continue
             if i in visit_set:
-                ckpt.put(i, h)
+                inputs.put(i, h)
                 if _draws_random(block):
                     rng_states[i] = torch.get_rng_state()
             with materialized(block, model.dtype, workspace=ws) if by_block else contextlib.nullcontext():
@@ -313,7 +314,7 @@ def run_step(model: CausalLM, input_ids: torch.Tensor, labels: torch.Tensor, rol
             x, out = graphs.pop(i)
             grads = _vjp(out, ([x] if need_input_grad else []) + params, g)
         else:
-            x = ckpt.get(i)
+            x = inputs.get(i)
             x.requires_grad_(need_input_grad)
             fork = torch.random.fork_rng(devices=[]) if i in rng_states else contextlib.nullcontext()
             whole = materialized(block, model.dtype, workspace=ws) if by_block else contextlib.nullcontext()
