@@ -125,6 +125,38 @@ def _status() -> dict:
     return out
 
 
+def estimate_row(row: dict, runtime: int):
+    """The `--max-memory` estimate of a row (as the trainer makes it), for a measured runtime in bytes."""
+    from lcsb import memory
+    from lcsb.config import LoraConfig
+    from lcsb.model import load_config
+    sys.path.insert(0, str(HERE))
+    from workload import parse_method
+    mcfg, _ = load_config(row["folder"])
+    sel = parse_method(row["method"]).validate(mcfg.num_layers)
+    stored = mcfg.raw["quantization"]
+    return memory.estimate(mcfg, fmt=stored["format"], group_size=stored["group_size"], mapped=True,
+                           lora=LoraConfig(rank=row["rank"], alpha=2 * row["rank"]),
+                           visited=memory.max_visited(sel, mcfg.num_layers, 512), recompute=True, batch=1,
+                           seq=row["seq"], counted=row["seq"] - 1, optimizer=row["optimizer"], momentum=0.0,
+                           runtime=runtime, malloc_tuned=True, decompress=row["decompress"],
+                           activations=row["activations"], caching=True, lora_dtype=row["lora_dtype"],
+                           trained=memory.max_trained(sel, mcfg.num_layers, 512))
+
+
+def reestimate(path: Path, workdir: Path) -> None:
+    """Recompute every row's estimate in `path` with this checkout's lcsb.memory (the measured runtime kept)."""
+    from lcsb.atomic import write_atomic
+    results = json.loads(path.read_text())
+    for shape, res in results["shapes"].items():
+        for r in res["rows"]:
+            est = estimate_row(dict(r, folder=str(workdir / f"{shape}-int4")), int(r["runtime_mb"] * 2**20))
+            r.update(estimate_mb=est.total / 2**20, estimate_error=est.total / 2**20 / r["peak_rss_mb"] - 1,
+                     estimate_parts_mb={k: round(v / 2**20, 1) for k, v in est.parts.items()})
+    write_atomic(path, lambda p: Path(p).write_text(json.dumps(results, indent=2) + "\n"))
+    print(table(results))
+
+
 def child_row(row: dict) -> dict:
     """One row, in this (fresh) process."""
     import torch
@@ -146,14 +178,8 @@ def child_row(row: dict) -> dict:
     mcfg, _ = load_config(folder)
     lora = LoraConfig(rank=row["rank"], alpha=2 * row["rank"])
     sel = parse_method(row["method"]).validate(mcfg.num_layers)
-    stored = mcfg.raw["quantization"]
     seq = row["seq"]
-    est = memory.estimate(mcfg, fmt=stored["format"], group_size=stored["group_size"], mapped=True, lora=lora,
-                          visited=memory.max_visited(sel, mcfg.num_layers, 512), recompute=True, batch=1, seq=seq,
-                          counted=seq - 1, optimizer=row["optimizer"], momentum=0.0, runtime=runtime,
-                          malloc_tuned=memory._malloc_tuned(), decompress=row["decompress"],
-                          activations=row["activations"], caching=memory._caching(), lora_dtype=row["lora_dtype"],
-                          trained=memory.max_trained(sel, mcfg.num_layers, 512))
+    est = estimate_row(row, runtime)
     model = load_model(folder, lora=lora)
     set_lora_dtype(model, row["lora_dtype"])
     g = torch.Generator().manual_seed(0)
@@ -251,8 +277,12 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/lcsb-bench"))
     ap.add_argument("--out", type=Path, default=HERE / "results" / "memory_shapes.json")
+    ap.add_argument("--reestimate", action="store_true",
+                    help="recompute the estimates of --out's rows with this checkout's lcsb.memory (no steps)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.reestimate:
+        return reestimate(args.out, args.workdir)
     if args.child is not None:
         print("RESULT" + json.dumps(child_main(json.loads(args.child))), flush=True)
         return

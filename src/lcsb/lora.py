@@ -28,6 +28,7 @@ from .errors import UserError
 from .model import gguf
 from .model.checkpoint import read_json
 from .model.core import CausalLM, Linear
+from .runtime import release_cached
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -61,8 +62,10 @@ def set_lora_dtype(model: CausalLM, dtype: str) -> None:
     with torch.no_grad():
         for p in model.lora_parameters().values():
             if p.dtype != want:
-                p.data = p.data.to(want)
-                p.grad = None
+                p.data, p.grad = p.data.to(want), None
+    # the caching allocator keeps the freed float32 tensors (64 KB and up) for reuse; none will come: hand
+    # them back (Qwen2.5-0.5B: resident set -11 MB after the conversion with it, +10 MB without)
+    release_cached()
 
 
 def peft_config(cfg: LoraConfig, base_model: str | None) -> dict:
