@@ -53,7 +53,7 @@ import torch
 
 from .config import LoraConfig, ModelConfig
 from .errors import UserError
-from .model.linear import VOCAB_CHUNK
+from .model.linear import ROW_CHUNK_BYTES, VOCAB_CHUNK
 from .quant.formats import CHUNK_ELEMENTS, quantize
 
 MB = 1 << 20
@@ -184,7 +184,10 @@ def estimate(mcfg: ModelConfig, *, fmt: str | None, group_size: int, mapped: boo
     # the decompression workspace: a block's float weights, or one matrix at a time (decompress="linear",
     # or recompute off with every block visited: no block is materialized); the head's chunks use it too
     by_linear = decompress == "linear" or (not recompute and visited == L)
-    block_float = 0 if dense else F32 * (max(i * o for i, o in linears.values()) if by_linear
+    # (core.streamed_linear decompresses a matrix ROW_CHUNK_BYTES of rows at a time: 4 MB, not the 86 MB of
+    # Qwen2.5-3B's MLP matrix; the estimate counted the whole matrix and came 9% over at 3B)
+    block_float = 0 if dense else F32 * (max(min(o, max(1, ROW_CHUNK_BYTES // (i * F32))) * i
+                                             for i, o in linears.values()) if by_linear
                                          else sum(i * o for i, o in linears.values()))
     block_float = 0 if dense else max(block_float, F32 * c * H)
 

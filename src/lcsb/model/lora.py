@@ -9,6 +9,7 @@ import torch
 
 from ..config import LoraConfig
 from ..errors import UserError
+from ..runtime import release_cached
 from .core import CausalLM
 from .linear import Linear
 
@@ -44,5 +45,7 @@ def set_lora_dtype(model: CausalLM, dtype: str) -> None:
     with torch.no_grad():
         for p in model.lora_parameters().values():
             if p.dtype != want:
-                p.data = p.data.to(want)
-                p.grad = None
+                p.data, p.grad = p.data.to(want), None
+    # the caching allocator keeps the freed float32 tensors (64 KB and up) for reuse; none will come: hand
+    # them back (Qwen2.5-0.5B: resident set -11 MB after the conversion with it, +10 MB without)
+    release_cached()
