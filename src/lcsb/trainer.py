@@ -37,8 +37,9 @@ from .engine.selection import Selection
 from .errors import UserError
 from .evaluate import evaluate, generate_text
 from .lora import load_model, save_adapter
-from .memory import check_budget, estimate_run, parse_size, peak_rss
+from .memory import check_budget, estimate_run, fit_suggestion, parse_size, peak_rss
 from .model import load_config
+from .model.lora import set_lora_dtype
 from .model.tokenizer import load_tokenizer
 from .optim import BlockOptimizer, clip_grad_norm, schedule_factor
 from .runstate import (Position, as_oserror, latest_checkpoint, load_checkpoint, save_checkpoint,
@@ -152,7 +153,10 @@ def _train(settings: Settings, ddp, console, closing: contextlib.ExitStack) -> T
     estimate = estimate_run(cfg, mcfg, lora, selection, train_set, cfg.steps or 512)
     say(estimate.line())
     if cfg.max_memory is not None:
-        check_budget(estimate, parse_size(cfg.max_memory))
+        limit = parse_size(cfg.max_memory)
+        if estimate.total > limit:      # name the flags that would make it fit
+            check_budget(estimate, limit, suggestion=fit_suggestion(cfg, mcfg, lora, selection, train_set,
+                                                                    cfg.steps or 512, limit, estimate.parts["runtime"]))
     model, blocks, opt = _setup_model(cfg, lora, selection, say)
     n = model.config.num_layers
     micro_per_epoch = math.ceil(len(train_set) / (cfg.batch_size * ddp.size))   # global micro-batches
@@ -307,6 +311,7 @@ def _setup_model(cfg: TrainConfig, lora, selection, say):
     torch.manual_seed(cfg.seed)
     model = load_model(cfg.model, quant=cfg.quant, group_size=cfg.group_size, lora=None if cfg.adapter else lora,
                        adapter=cfg.adapter)
+    set_lora_dtype(model, cfg.lora_dtype)
     n = model.config.num_layers
     if cfg.inactive == "reset" and cfg.method not in ("lisa", "badam"):
         say("note: --inactive reset is LISA's and BAdam's behaviour; it applies to any method but was designed for them")
