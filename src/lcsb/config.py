@@ -315,6 +315,9 @@ class TrainConfig:
     lr: float = _opt(1e-4, "peak learning rate", positive)
     weight_decay: float = _opt(0.01, "decoupled weight decay", non_negative)
     momentum: float = _opt(0.0, "sgd momentum", in_unit)
+    lora_dtype: str = _opt("float32", "type of the LoRA factors, their gradients and optimizer state: bfloat16 halves "
+                                      "them (stochastic rounding of updates; not bit-exact with float32)",
+                           choices=("float32", "bfloat16"))
     schedule: str = _opt("constant", "learning-rate schedule after warmup", choices=("constant", "linear", "cosine"))
     warmup: int = _opt(0, "linear warmup steps", non_negative)
     steps: int = _opt(None, "optimizer steps (default: --epochs over the training set)", positive, on_resume=APPLY)

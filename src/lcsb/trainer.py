@@ -36,7 +36,7 @@ from .engine.executor import block_lora_params, run_step
 from .engine.selection import Selection
 from .errors import UserError
 from .evaluate import evaluate, generate_text
-from .lora import save_adapter
+from .lora import save_adapter, set_lora_dtype
 from .memory import check_budget, estimate_run, parse_size, peak_rss
 from .model import load_config, load_model
 from .model.tokenizer import load_tokenizer
@@ -307,6 +307,7 @@ def _setup_model(cfg: TrainConfig, lora, selection, say):
     torch.manual_seed(cfg.seed)
     model = load_model(cfg.model, quant=cfg.quant, group_size=cfg.group_size, lora=None if cfg.adapter else lora,
                        adapter=cfg.adapter)
+    set_lora_dtype(model, cfg.lora_dtype)
     n = model.config.num_layers
     if cfg.inactive == "reset" and cfg.method not in ("lisa", "badam"):
         say("note: --inactive reset is LISA's and BAdam's behaviour; it applies to any method but was designed for them")
