@@ -842,3 +842,27 @@ def test_skip_nonfinite_counts_and_finishes(tmp_path, model2, chat_data, monkeyp
     assert last["stats"]["skipped_nonfinite"] == 2
     adapter = load_file(str(run / "adapter_model.safetensors"))
     assert all(torch.isfinite(t).all() for t in adapter.values())
+
+
+def test_new_folder_is_all_or_nothing(tmp_path):
+    """atomic.new_folder (conversions, exports): a failure inside leaves the old folder as it was and no
+    temporary folder; success replaces it whole; without overwrite an existing folder is refused."""
+    from lcsb.atomic import new_folder
+    from lcsb.errors import UserError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(UserError, match="already exists; choose another output folder or pass --overwrite"):
+        with new_folder(out):
+            pass
+    with pytest.raises(RuntimeError, match="midway"):
+        with new_folder(out, overwrite=True) as tmp:
+            (tmp / "new.txt").write_text("new")
+            raise RuntimeError("midway")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (out / "old.txt").read_text() == "old"
+    with new_folder(out, overwrite=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "deep.txt").write_text("deep")
+    assert sorted(p.name for p in out.iterdir()) == ["new.txt", "sub"] and [p.name for p in tmp_path.iterdir()] == ["out"]

@@ -10,7 +10,6 @@ the tokenizer built from the file's vocabulary is written as tokenizer.json + to
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -18,12 +17,13 @@ from typing import Callable
 import torch
 
 from . import __version__
+from .atomic import new_folder
 from .errors import UserError
 from .model import gguf, load_config, load_model
 from .model.linear import Embedding, Linear
 from .model.tokenizer import load_tokenizer
 from .quant.formats import FORMATS, check_group_size, quantize
-from .model.checkpoint import (SHARD_BYTES, TOKENIZER_FILES, CheckpointReader, Shards, _fsync_dir, _shape,
+from .model.checkpoint import (SHARD_BYTES, TOKENIZER_FILES, CheckpointReader, Shards, _shape,
                                _ShardWriter, _write_json, read_json)
 from .model.core import CausalLM
 
@@ -40,7 +40,7 @@ def _convert_gguf(src: Path, dst: Path, quant: str, group_size: int, overwrite: 
     if quant not in FORMATS:
         raise UserError(f"unknown quantization {quant!r}: choose one of {', '.join(FORMATS)}")
     if dst.exists() and not overwrite:
-        raise UserError(f"{dst} already exists; choose another output folder or remove it first")
+        raise UserError(f"{dst} already exists; choose another output folder or pass --overwrite")
     mcfg, _ = load_config(src)                      # a bad file fails here, before anything is written
     if quant in ("int4", "nf4"):
         check_group_size(group_size, quant)
@@ -50,11 +50,7 @@ def _convert_gguf(src: Path, dst: Path, quant: str, group_size: int, overwrite: 
                                 f"size {group_size}; choose a --group-size that divides it")
     tok = load_tokenizer(src)
     model = load_model(src)                         # file-backed: one matrix decompressed at a time below
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.lcsb-tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with new_folder(dst, overwrite) as tmp:
         writer = _ShardWriter(tmp, SHARD_BYTES)
         modules = [(n, m) for n, m in model.named_modules()
                    if isinstance(m, (Linear, Embedding)) or any(True for _ in m.parameters(recurse=False))]
@@ -82,13 +78,6 @@ def _convert_gguf(src: Path, dst: Path, quant: str, group_size: int, overwrite: 
             config["chat_template"] = tok.chat_templates["default"]
         (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
                                                    encoding="utf-8")
-        if dst.exists():
-            shutil.rmtree(dst)
-        tmp.rename(dst)
-        _fsync_dir(dst.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
 
 
@@ -133,7 +122,7 @@ def convert_model(src: str | Path, dst: str | Path, quant: str = "int4", group_s
     if dst.resolve() == src.resolve():
         raise UserError(f"{dst}: the output folder is the source folder; choose another output folder")
     if dst.exists() and not overwrite:
-        raise UserError(f"{dst} already exists; choose another output folder or remove it first")
+        raise UserError(f"{dst} already exists; choose another output folder or pass --overwrite")
 
     grouped = quant in ("int4", "nf4")
     if grouped:                                             # refuse before writing anything
@@ -147,13 +136,7 @@ def convert_model(src: str | Path, dst: str | Path, quant: str = "int4", group_s
     if model.lm_head is None and "lm_head.weight" in shards and "model.embed_tokens.weight" not in shards:
         raise UserError(f"{src}: tie_word_embeddings is set but the checkpoint has only lm_head.weight")
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.lcsb-tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    source = CheckpointReader(shards)
-    try:
+    with CheckpointReader(shards) as source, new_folder(dst, overwrite) as tmp:
         writer = _ShardWriter(tmp, shard_bytes)
         stored_params = set()
         # module by module in model order: a block's tensors lie together in one shard
@@ -188,21 +171,4 @@ def convert_model(src: str | Path, dst: str | Path, quant: str = "int4", group_s
         for name in TOKENIZER_FILES:
             if (src / name).is_file():
                 shutil.copy2(src / name, tmp / name)
-
-        if dst.exists():                                    # overwrite: swap, then drop the old folder
-            old = dst.parent / f".{dst.name}.lcsb-old-{os.getpid()}"
-            dst.rename(old)
-            tmp.rename(dst)
-            if old.is_dir():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink()
-        else:
-            tmp.rename(dst)
-        _fsync_dir(dst.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        source.close()
     return dst

@@ -16,7 +16,6 @@ convert_lora_to_gguf.py does. llama.cpp scales by alpha / r itself.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .atomic import write_atomic
+from .atomic import new_folder, write_atomic
 from .config import LORA_TARGETS, LoraConfig
 from .errors import UserError
 from .model import gguf, load_config
@@ -295,36 +294,6 @@ def mlx_adapter(cfg: LoraConfig, tensors: dict[str, torch.Tensor], where: Path,
     return out, config
 
 
-def _new_folder(out: Path, overwrite: bool):
-    """A temporary folder beside `out`, and a function that moves it into place."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} already exists; choose another output folder or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.lcsb-tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-
-    def commit():
-        for p in tmp.iterdir():
-            with open(p, "rb+") as f:
-                os.fsync(f.fileno())
-        if out.exists():                       # overwrite: swap, then drop the old folder
-            old = out.parent / f".{out.name}.lcsb-old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-        fd = os.open(out.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    return tmp, commit
-
-
 def export_adapter(adapter: str | Path, to: str, out: str | Path, model: str | Path | None = None,
                    dtype: torch.dtype | None = None, overwrite: bool = False, say=None) -> Path:
     """Write the adapter of a run (or adapter folder) as `to` into the folder `out`, atomically.
@@ -362,8 +331,7 @@ def export_adapter(adapter: str | Path, to: str, out: str | Path, model: str | P
             raise UserError(f"{base}: base model folder not found (from "
                             f"{'--model' if model is not None else folder / ADAPTER_CONFIG}); "
                             "pass the base checkpoint folder with --model")
-    tmp, commit = _new_folder(out, overwrite)
-    try:
+    with new_folder(out, overwrite) as tmp:
         if to == "peft":
             lora_pairs(tensors, folder / ADAPTER_WEIGHTS)           # checks the keys before copying
             shutil.copy2(folder / ADAPTER_WEIGHTS, tmp / ADAPTER_WEIGHTS)
@@ -374,10 +342,6 @@ def export_adapter(adapter: str | Path, to: str, out: str | Path, model: str | P
             (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         else:
             merge_adapter(cfg, tensors, folder / ADAPTER_WEIGHTS, Path(base), tmp, dtype, say)
-        commit()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

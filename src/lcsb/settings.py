@@ -84,19 +84,27 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _yaml_mapping(path: Path, what: str) -> dict:
+    """A YAML file holding a mapping (an empty file: none); anything else is one line naming the file."""
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise UserError(f"{path}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: {what} ({' '.join(str(e).split())})") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise UserError(f"{path}: {what} (expected a mapping of option names to values)")
+    return loaded
+
+
 def read_yaml(path: str | Path) -> dict:
     """A --config file: a mapping of known option names (dashes or underscores) to values."""
     path = Path(path)
-    try:
-        loaded = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise UserError(f"{path} not found (--config)") from None
-    except OSError as e:
-        raise UserError(f"{path}: {e.strerror or e} (--config)") from None
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
-    if not isinstance(loaded, dict):
-        raise UserError(f"{path}: expected a mapping of option names to values")
+    if not path.exists():
+        raise UserError(f"{path} not found (--config)")
+    loaded = _yaml_mapping(path, "not a valid config file")
     values = {}
     for k, v in loaded.items():
         key = str(k).replace("-", "_")
@@ -114,14 +122,7 @@ def _saved_run(run: Path) -> dict:
     saved = run / "config.yaml"
     if not saved.exists():
         raise UserError(f"{saved} not found: --resume needs a run folder written by `lcsb train`")
-    try:
-        values = yaml.safe_load(saved.read_text())
-    except OSError as e:
-        raise UserError(f"{saved}: {e.strerror or e}; --resume needs to read the run's config") from None
-    except yaml.YAMLError as e:
-        raise UserError(f"{saved}: not a valid run config ({' '.join(str(e).split())})") from None
-    if not isinstance(values, dict):
-        raise UserError(f"{saved}: not a valid run config (expected a mapping of option names to values)")
+    values = _yaml_mapping(saved, "not a valid run config")
     # keys of another lcsb version are dropped; the run's control fields are this call's own
     return {k: v for k, v in values.items() if k in FIELDS and FIELDS[k].metadata["on_resume"] != CONTROL}
 

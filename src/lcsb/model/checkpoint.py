@@ -78,22 +78,28 @@ def read_json(path: Path) -> dict:
     return d
 
 
+def shard_files(folder: Path, fix_index: str, fix_missing: str) -> list[str]:
+    """The safetensors files of a folder: those its index names, else every *.safetensors (sorted); a
+    broken index or no file at all is one line naming the folder and `fix_...`."""
+    index = folder / INDEX
+    if index.exists():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise UserError(f"{index}: no 'weight_map' object; {fix_index}")
+        return sorted(set(weight_map.values()))
+    files = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{folder}: no *.safetensors files; {fix_missing}")
+    return files
+
+
 class Shards:
     """Every tensor of a checkpoint by name, across one or several safetensors files."""
 
     def __init__(self, folder: Path):
         self.folder = folder
-        index = folder / "model.safetensors.index.json"
-        if index.exists():
-            weight_map = read_json(index).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise UserError(f"{index}: no 'weight_map' object; restore the index from the original checkpoint")
-            files = sorted(set(weight_map.values()))
-        else:
-            files = sorted(p.name for p in folder.glob("*.safetensors"))
-            if not files:
-                raise UserError(f"{folder}: no *.safetensors files; a model folder needs the checkpoint's weights "
-                                "(convert .bin checkpoints to safetensors first)")
+        files = shard_files(folder, "restore the index from the original checkpoint",
+                            "a model folder needs the checkpoint's weights (convert .bin checkpoints to safetensors first)")
         self.where: dict[str, Path] = {}
         self.handles = {}
         for name in files:
@@ -188,12 +194,7 @@ class CheckpointReader:
             t = self.tensor(key, shape)
             return Dense(t.to(dtype) if dtype is not None else t)
         path, _, (src_dtype, got, _, _) = self.entry(key)
-        if list(got) != list(shape):
-            raise UserError(f"{path}: {key!r} has shape {got} but config.json implies {list(shape)}; "
-                            "the weights do not match config.json")
-        if not src_dtype.is_floating_point:
-            raise UserError(f"{path}: {key!r} is {src_dtype}, not a float tensor; "
-                            "convert from a float16/bfloat16/float32 checkpoint")
+        _check_tensor(path, key, got, src_dtype, shape)
         out, inp = shape
         step = max(1, CHUNK_ELEMENTS // max(1, inp))
         full: dict[str, torch.Tensor] = {}
@@ -338,19 +339,6 @@ def _shape(m) -> tuple[int, int]:
     return (m.out_features, m.in_features) if hasattr(m, "out_features") else (m.num_embeddings, m.embedding_dim)
 
 
-def _fsync_dir(path: Path):
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 
 # ---- converted folders: memory-mapped, read lazily --------------------------------------------
 
@@ -485,16 +473,7 @@ class _Store:
 
     def __init__(self, folder: Path):
         self.folder = folder
-        index = folder / INDEX
-        if index.exists():
-            weight_map = read_json(index).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise UserError(f"{index}: no 'weight_map' object; convert the model again")
-            names = sorted(set(weight_map.values()))
-        else:
-            names = sorted(p.name for p in folder.glob("*.safetensors"))
-            if not names:
-                raise UserError(f"{folder}: no *.safetensors files; convert the model again")
+        names = shard_files(folder, "convert the model again", "convert the model again")
         self.where: dict[str, _File] = {}
         for name in names:
             path = folder / name
