@@ -251,10 +251,7 @@ def max_visited(selection, n: int, steps: int) -> int:
     are a function of the step; the cyclic methods repeat within a few hundred steps)."""
     most = 0
     for t in range(min(steps, 512)):
-        roles = selection.roles(t, n)
-        trained = [i for i, r in enumerate(roles) if r == "train"]
-        low = trained[0] if trained else n
-        most = max(most, sum(1 for i in range(low, n) if roles[i] != "skip"))
+        most = max(most, len(selection.plan(t, n).visited))      # the step's Plan, as the executor runs it
         if most == n:
             break
     return most
@@ -262,7 +259,7 @@ def max_visited(selection, n: int, steps: int) -> int:
 
 def max_trained(selection, n: int, steps: int) -> int:
     """The most blocks trained in any of the first `steps` steps: only they hold gradient buffers."""
-    return max((sum(1 for r in selection.roles(t, n) if r == "train") for t in range(min(steps, 512))), default=0)
+    return max((len(selection.plan(t, n).trained) for t in range(min(steps, 512))), default=0)
 
 
 def warm_up():
