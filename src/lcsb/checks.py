@@ -22,7 +22,8 @@ _KINDS = {"int": "an integer", "float": "a number", "bool": "true or false", "st
           "list": "a list of strings"}
 
 
-def _flag(name: str) -> str:
+def flag(name: str) -> str:
+    """The option's flag: `lr` -> `--lr`, `batch_size` -> `--batch-size`."""
     return "--" + name.replace("_", "-")
 
 
@@ -44,12 +45,12 @@ def check_types(cfg: TrainConfig):
         kind = f.type if isinstance(f.type, str) else f.type.__name__
         if v is None or _is(kind, v) or (f.name == "max_memory" and _is("float", v)):
             continue
-        raise UserError(f"{_flag(f.name)} (`{f.name}` in a config file) must be {_KINDS.get(kind, kind)}, got {v!r}")
+        raise UserError(f"{flag(f.name)} (`{f.name}` in a config file) must be {_KINDS.get(kind, kind)}, got {v!r}")
     # choices: argparse checks them for flags, this for config files and the API
     for f in dataclasses.fields(TrainConfig):
         choices, v = f.metadata.get("choices"), getattr(cfg, f.name)
         if choices and v is not None and v not in choices:
-            raise UserError(f"{_flag(f.name)} must be one of {', '.join(choices)}, got {v!r}")
+            raise UserError(f"{flag(f.name)} must be one of {', '.join(choices)}, got {v!r}")
 
 
 def check_options(cfg: TrainConfig):
@@ -63,10 +64,10 @@ def check_ranges(cfg: TrainConfig):
     for f in dataclasses.fields(TrainConfig):
         v = getattr(cfg, f.name)
         if isinstance(v, float) and not math.isfinite(v):
-            raise UserError(f"{_flag(f.name)} must be a finite number, got {v!r}")
+            raise UserError(f"{flag(f.name)} must be a finite number, got {v!r}")
         wrong = f.metadata["check"](v) if f.metadata["check"] and v is not None else None
         if wrong:
-            raise UserError(f"{_flag(f.name)} {wrong}, got {v!r}")
+            raise UserError(f"{flag(f.name)} {wrong}, got {v!r}")
     bad = [t for t in cfg.targets if t not in LORA_TARGETS]
     if bad or not cfg.targets:
         raise UserError(f"--targets {' '.join(cfg.targets) or '(none)'}: choose among {', '.join(LORA_TARGETS)}")

@@ -80,10 +80,6 @@ class Settings:
         return "config: " + ", ".join(shown)
 
 
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def _yaml_mapping(path: Path, what: str) -> dict:
     """A YAML file holding a mapping (an empty file: none); anything else is one line naming the file."""
     try:
@@ -189,11 +185,11 @@ def _check_resume(run: Path, saved: dict, values: dict, sources: dict, notes: li
                and k != "batch_size" and not _same(k, values[k], saved[k])]
     if changed and not values.get("allow_changes"):
         k, src = changed[0]
-        raise UserError(f"{flag(k)} {_show(values[k])} ({src}) differs from the run's {_show(saved[k])} "
+        raise UserError(f"{checks.flag(k)} {_show(values[k])} ({src}) differs from the run's {_show(saved[k])} "
                         f"({run / 'config.yaml'}): a resumed run continues as it was; pass --allow-changes to "
                         "change it anyway, or start a new run with another --out")
     for k, src in changed:
-        notes.append(f"note: {flag(k)} changed from the run's {_show(saved[k])} to {_show(values[k])} ({src}; "
+        notes.append(f"note: {checks.flag(k)} changed from the run's {_show(saved[k])} to {_show(values[k])} ({src}; "
                      "--allow-changes)")
     if sources.get("steps") not in ("run", "default") and values.get("schedule", "constant") != "constant":
         notes.append(f"note: --steps {values['steps']} also stretches the {values['schedule']} schedule over the "
