@@ -19,6 +19,7 @@ import transformers
 import lcsb
 from lcsb.errors import UserError
 from lcsb.model import gguf
+from lcsb.model.checkpoint import _FileBacked
 
 import gguf_models
 import hf
@@ -217,10 +218,14 @@ def test_quant_flag_on_quantized_gguf_refused(tmp_path):
     assert "--quant" in _one_line(e)
 
 
-def test_quant_flag_on_float_gguf_honoured(tmp_path):
-    path = _tiny("qwen2", tmp_path, types=lambda n: Q.F32)
+@pytest.mark.parametrize("family", ["qwen2", "llama"])       # llama: q/k rows permuted in the file
+def test_quant_flag_on_float_gguf_honoured(tmp_path, monkeypatch, family):
+    monkeypatch.setenv("LCSB_CACHE", str(tmp_path / "cache"))
+    path = _tiny(family, tmp_path, types=lambda n: Q.F32)
     model = lcsb.load_model(path, quant="int8")
-    assert model.layers[0].self_attn.q_proj.weight.fmt == "int8"
+    w = model.layers[0].self_attn.q_proj.weight
+    assert w.fmt == "int8" and isinstance(w, _FileBacked)    # compressed into a scratch folder, mapped
+    assert not list((tmp_path / "cache").glob("quantized-*"))
     ref = lcsb.load_model(path.parent, quant="int8")         # the Hugging Face folder it came from
     ids = _ids()
     with torch.no_grad():

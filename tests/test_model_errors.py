@@ -305,7 +305,7 @@ def test_unknown_quant(copy):
 
 def test_int4_group_size_names_the_weight(copy):
     # llama's down_proj has 96 inputs: not a multiple of 64
-    _refused(copy(), "down_proj.weight", "group size 64", quant="int4", group_size=64)
+    _refused(copy(), "model.layers.0.mlp.down_proj", "group size 64", quant="int4", group_size=64)
 
 
 # --- loading with int4 compression ---------------------------------------------------------------

@@ -391,3 +391,123 @@ def test_rss_stays_near_one_block(tmp_path):
     # after each block the file-backed resident set is back to about nothing; never near the model
     assert max(released) < 1.5 * block, (released, block)
     assert released[-1] < 0.5 * block, (released, block)
+
+
+# ---- quantize on load: through a scratch converted folder ----------------------------------------
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    root = tmp_path / "cache"
+    monkeypatch.setenv("LCSB_CACHE", str(root))
+    return root
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_quantize_on_load_is_file_backed_and_equals_quantizing_the_tensors(sources, cache, family, fmt):
+    src = sources[family]
+    for dtype in (torch.float32, torch.bfloat16):
+        model = load_model(src, dtype=dtype, quant=fmt, group_size=GROUP)
+        with safe_open(str(src / "model.safetensors"), "pt") as f:       # the reference: safetensors' own reader
+            for name, m in model.named_modules():
+                if isinstance(m, (Linear, Embedding)):
+                    ref = formats.quantize(f.get_tensor(f"{name}.weight").to(dtype), fmt, GROUP)
+                    assert isinstance(m.weight, store._FileBacked) and m.weight.fmt == fmt, name
+                    got = m.weight.tensors()
+                    assert all(torch.equal(got[k], v) for k, v in ref.tensors().items()), (name, dtype)
+            for name, p in model.named_parameters():
+                assert p.dtype == dtype and torch.equal(p, f.get_tensor(name).to(dtype)), name
+        assert model.quant == fmt
+        assert not list(cache.glob("quantized-*")), "the scratch folder is deleted once mapped"
+        # the mapped copy outlives its deleted files: the model still computes
+        assert torch.isfinite(logits(model)).all()
+
+
+def test_quantize_on_load_without_room_compresses_in_memory(sources, cache, monkeypatch):
+    src = sources["qwen2"]
+    mapped = load_model(src, quant="int4", group_size=GROUP)
+    free = type("Usage", (), {"free": 1 << 20})
+    monkeypatch.setattr(store.shutil, "disk_usage", lambda path: free)
+    with pytest.warns(RuntimeWarning, match=rf"{cache}.* 1 MB free, the quantized copy needs .*LCSB_CACHE"):
+        in_ram = load_model(src, quant="int4", group_size=GROUP)
+    assert not any(isinstance(m.weight, store._FileBacked) for m in in_ram.modules() if isinstance(m, Linear))
+    assert torch.equal(logits(in_ram), logits(mapped))
+
+
+def test_quantize_on_load_with_an_unwritable_cache_warns_and_loads(sources, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("LCSB_CACHE", str(blocker / "cache"))             # cannot be created under a file
+    with pytest.warns(RuntimeWarning, match="cannot write the quantized copy"):
+        model = load_model(sources["llama"], quant="int8")
+    assert torch.isfinite(logits(model)).all()
+
+
+def test_scratch_copies_of_dead_processes_are_removed(sources, cache):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = cache / f"quantized-{int(dead.stdout)}-abc"
+    live = cache / f"quantized-{os.getpid()}-xyz"                   # this process: alive, kept
+    for d in (stale, live):
+        d.mkdir(parents=True)
+        (d / "model.safetensors").write_bytes(b"x")
+    load_model(sources["llama"], quant="int8")
+    assert not stale.exists() and live.exists()
+
+
+def test_streamed_shard_writer_refuses_slices_that_do_not_fill_the_layout(tmp_path):
+    w = store._ShardWriter(tmp_path, 1 << 20)
+    layout = {"a": ((4, 2), torch.float32)}
+    with pytest.raises(ValueError, match="ended before"):
+        w.add({}, layout, [{"a": torch.zeros(3, 2)}])
+    w = store._ShardWriter(tmp_path, 1 << 20)
+    with pytest.raises(ValueError, match="does not fit"):
+        w.add({}, layout, [{"a": torch.zeros(5, 2)}])
+    w = store._ShardWriter(tmp_path, 1 << 20)                         # slices land in their tensors' places
+    w.add({"n": torch.arange(3.0)}, {"a": ((4, 2), torch.float32), "b": ((4,), torch.int8)},
+          [{"a": torch.ones(1, 2), "b": torch.tensor([1], dtype=torch.int8)},
+           {"a": torch.full((3, 2), 2.0), "b": torch.tensor([2, 3, 4], dtype=torch.int8)}])
+    w.close()
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert torch.equal(f.get_tensor("a"), torch.tensor([[1.0, 1], [2, 2], [2, 2], [2, 2]]))
+        assert torch.equal(f.get_tensor("b"), torch.tensor([1, 2, 3, 4], dtype=torch.int8))
+        assert torch.equal(f.get_tensor("n"), torch.arange(3.0))
+
+
+ANON_CHILD = textwrap.dedent("""
+    import json, sys
+    import torch
+    from lcsb import load_model
+
+    def anon():
+        for line in open("/proc/self/status"):
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+        raise SystemExit("no RssAnon")
+
+    torch.set_num_threads(1)
+    base = anon()
+    model = load_model(sys.argv[1], quant="int8")
+    print(json.dumps({"anon": anon() - base}))
+""")
+
+
+def test_quantize_on_load_does_not_hold_the_compressed_model_in_anonymous_memory(tmp_path):
+    if not sys.platform.startswith("linux"):
+        pytest.skip("needs Linux /proc/self/status")
+    src = tmp_path / "src"
+    hf.make("llama", src, dtype=torch.bfloat16, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
+            num_attention_heads=8, num_key_value_heads=8, vocab_size=256)
+    compressed = 4 * (4 * 1024 * 1024 + 3 * 1024 * 2816)                # int8: a byte per weight of the blocks
+
+    def child(**env):
+        r = subprocess.run([sys.executable, "-c", ANON_CHILD, str(src)], capture_output=True, text=True, timeout=300,
+                           env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), **env))
+        if r.returncode:
+            raise AssertionError(r.stderr[-2000:])
+        return json.loads(r.stdout.strip().splitlines()[-1])["anon"]
+
+    mapped = child(LCSB_CACHE=str(tmp_path / "cache"))
+    in_ram = child(LCSB_CACHE=str(src / "config.json" / "cache"))     # the control: no scratch folder possible
+    print({"mapped": mapped >> 20, "in_ram": in_ram >> 20, "compressed": compressed >> 20}, "MB")
+    assert in_ram > 0.8 * compressed                  # the control holds the model: the measure sees it
+    assert mapped < 0.3 * compressed

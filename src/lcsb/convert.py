@@ -20,11 +20,10 @@ from . import __version__
 from .atomic import new_folder
 from .errors import UserError
 from .model import gguf, load_config, load_model
-from .model.linear import Embedding, Linear
 from .model.tokenizer import load_tokenizer
-from .quant.formats import FORMATS, check_group_size, quantize
-from .model.checkpoint import (SHARD_BYTES, TOKENIZER_FILES, CheckpointReader, Shards, _shape,
-                               _ShardWriter, _write_json, read_json)
+from .quant.formats import FORMATS
+from .model.checkpoint import (SHARD_BYTES, TOKENIZER_FILES, CheckpointReader, Shards, _write_json, check_groups,
+                               read_json, write_weights)
 from .model.core import CausalLM
 
 
@@ -42,30 +41,13 @@ def _convert_gguf(src: Path, dst: Path, quant: str, group_size: int, overwrite: 
     if dst.exists() and not overwrite:
         raise UserError(f"{dst} already exists; choose another output folder or pass --overwrite")
     mcfg, _ = load_config(src)                      # a bad file fails here, before anything is written
-    if quant in ("int4", "nf4"):
-        check_group_size(group_size, quant)
-        for n in (mcfg.hidden_size, mcfg.intermediate_size, mcfg.num_heads * mcfg.head_dim):
-            if n % group_size:
-                raise UserError(f"{quant}: {src} has a matrix input dimension {n}, not a multiple of the group "
-                                f"size {group_size}; choose a --group-size that divides it")
     tok = load_tokenizer(src)
     model = load_model(src)                         # file-backed: one matrix decompressed at a time below
+    check_groups(model, quant, group_size)
     with new_folder(dst, overwrite) as tmp:
-        writer = _ShardWriter(tmp, SHARD_BYTES)
-        modules = [(n, m) for n, m in model.named_modules()
-                   if isinstance(m, (Linear, Embedding)) or any(True for _ in m.parameters(recurse=False))]
-        for i, (name, m) in enumerate(modules):
-            group = {}
-            if isinstance(m, (Linear, Embedding)):
-                w = quantize(m.weight.dequantize(torch.float32), quant, group_size)
-                m.weight.release()
-                group.update({f"{name}.{suffix}": t for suffix, t in w.tensors().items()})
-            for pname, p in m.named_parameters(recurse=False):
-                group[f"{name}.{pname}"] = p.detach()
-            writer.add(group)
-            if progress is not None:
-                progress(i + 1, len(modules))
-        writer.close()
+        # each matrix read from the mapped file a row slice at a time, its pages handed back after it
+        write_weights(tmp, model, lambda name, shape: model.get_submodule(name).weight.row_slices(torch.float32),
+                      lambda key, p: p.detach(), quant, group_size, SHARD_BYTES, progress)
         raw = {k: v for k, v in mcfg.raw.items() if k != "quantization"}
         raw["quantization"] = {"format": quant, **({"group_size": group_size} if quant in ("int4", "nf4") else {}),
                                "lcsb_version": __version__}
@@ -125,42 +107,18 @@ def convert_model(src: str | Path, dst: str | Path, quant: str = "int4", group_s
         raise UserError(f"{dst} already exists; choose another output folder or pass --overwrite")
 
     grouped = quant in ("int4", "nf4")
-    if grouped:                                             # refuse before writing anything
-        check_group_size(group_size, quant)
-        for name, m in model.named_modules():
-            if isinstance(m, (Linear, Embedding)) and _shape(m)[1] % group_size:
-                inp = _shape(m)[1]
-                raise UserError(f"{quant}: {name} has input dimension {inp}, not a multiple of the group size "
-                                f"{group_size}; choose a --group-size that divides it")
+    check_groups(model, quant, group_size)                  # refuse before writing anything
     shards = Shards(src)
     if model.lm_head is None and "lm_head.weight" in shards and "model.embed_tokens.weight" not in shards:
         raise UserError(f"{src}: tie_word_embeddings is set but the checkpoint has only lm_head.weight")
 
-    with CheckpointReader(shards) as source, new_folder(dst, overwrite) as tmp:
-        writer = _ShardWriter(tmp, shard_bytes)
-        stored_params = set()
-        # module by module in model order: a block's tensors lie together in one shard
-        modules = [(n, m) for n, m in model.named_modules()
-                   if isinstance(m, (Linear, Embedding)) or any(True for _ in m.parameters(recurse=False))]
-        for i, (name, m) in enumerate(modules):
-            group = {}
-            if isinstance(m, (Linear, Embedding)):
-                w = source.weight(f"{name}.weight", _shape(m), quant, group_size, dtype)
-                group.update({f"{name}.{suffix}": t for suffix, t in w.tensors().items()})
-                del w
-            for pname, p in m.named_parameters(recurse=False):
-                key = f"{name}.{pname}"
-                t = source.tensor(key, p.shape)
-                group[key] = t.to(dtype) if dtype is not None else t
-                stored_params.add(key)
-            writer.add(group)
-            del group
-            if progress is not None:
-                progress(i + 1, len(modules))
-        missing = {n for n, _ in model.named_parameters()} - stored_params
-        assert not missing, missing                         # every float parameter belongs to some module
-        writer.close()
+    def param(key, p):
+        t = source.tensor(key, p.shape)
+        return t.to(dtype) if dtype is not None else t
 
+    with CheckpointReader(shards) as source, new_folder(dst, overwrite) as tmp:
+        write_weights(tmp, model, lambda name, shape: source.matrix_rows(f"{name}.weight", shape, dtype), param,
+                      quant, group_size, shard_bytes, progress)
         entry = {"format": quant}
         if grouped:
             entry["group_size"] = group_size

@@ -51,6 +51,17 @@ def tune_malloc(threshold: int = 64 * 1024, arenas: int = 2, trim: int | None = 
 
 
 
+
+def trim_heap() -> bool:
+    """Hand the free pages of glibc's heap back to the system (malloc_trim); False where there is no glibc.
+    A library cannot assume `tune_malloc` ran: after a burst of large temporaries (loading a model),
+    glibc's raised thresholds keep tens of MB of freed memory resident until this is called."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
 ALLOC_SOURCE = Path(__file__).with_name("alloc.cpp")
 _alloc: ctypes.CDLL | None = None
 _alloc_tried = False

@@ -32,16 +32,21 @@ block's weights as the engine walks the blocks. Norms and biases are copied into
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import shutil
 import struct
+import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
+from .. import native
 from ..errors import UserError
+from ..runtime import trim_heap
 from ..quant.formats import (CHUNK_ELEMENTS, FORMATS, NF4, Dense, Int4, Int8, Weight, check_group_size, quantize,
                              weight_from_tensors)
 from .core import CausalLM
@@ -187,26 +192,22 @@ class CheckpointReader:
                             f"{list(shape)}; the weights do not match config.json")
         return self.rows(key, 0, got[0] if got else 0)
 
+    def matrix_rows(self, key: str, shape: tuple[int, int], dtype: torch.dtype | None = None):
+        """Matrix `key`, checked against `shape`, as float row slices of about CHUNK_ELEMENTS (cast to `dtype`)."""
+        path, _, (src_dtype, got, _, _) = self.entry(key)
+        _check_tensor(path, key, got, src_dtype, shape)
+        step = max(1, CHUNK_ELEMENTS // max(1, shape[1]))
+        for a in range(0, shape[0], step):
+            x = self.rows(key, a, a + step)
+            yield x if dtype is None else x.to(dtype)
+
     def weight(self, key: str, shape: tuple[int, int], fmt: str | None, group_size: int = 64,
                dtype: torch.dtype | None = None) -> Weight:
-        """Matrix `key` as a Weight of format `fmt` (None: dense), each row slice cast to `dtype` first."""
+        """Matrix `key` as a Weight of format `fmt` (None: dense) in RAM, each row slice cast to `dtype` first."""
         if fmt is None or fmt == "dense":
             t = self.tensor(key, shape)
             return Dense(t.to(dtype) if dtype is not None else t)
-        path, _, (src_dtype, got, _, _) = self.entry(key)
-        _check_tensor(path, key, got, src_dtype, shape)
-        out, inp = shape
-        step = max(1, CHUNK_ELEMENTS // max(1, inp))
-        full: dict[str, torch.Tensor] = {}
-        for a in range(0, out, step):
-            x = self.rows(key, a, a + step)
-            if dtype is not None:
-                x = x.to(dtype)
-            for suffix, t in quantize(x, fmt, group_size).tensors().items():
-                if suffix not in full:                     # every storage tensor is row-major in the output rows
-                    full[suffix] = torch.empty((out, *t.shape[1:]), dtype=t.dtype)
-                full[suffix][a:a + x.shape[0]] = t
-        return weight_from_tensors(fmt, full, shape, group_size)
+        return _assemble(self.matrix_rows(key, shape, dtype), shape, fmt, group_size)
 
     def close(self):
         for f, _ in self.files.values():
@@ -220,28 +221,43 @@ class CheckpointReader:
         self.close()
 
 
+def _assemble(slices, shape: tuple[int, int], fmt: str, group_size: int) -> Weight:
+    """A Weight in RAM from consecutive float row slices, each compressed as it comes (formats are row-wise,
+    so this equals compressing the whole matrix)."""
+    full: dict[str, torch.Tensor] = {}
+    a = 0
+    for x in slices:
+        for suffix, t in quantize(x, fmt, group_size).tensors().items():
+            if suffix not in full:                     # every storage tensor is row-major in the output rows
+                full[suffix] = torch.empty((shape[0], *t.shape[1:]), dtype=t.dtype)
+            full[suffix][a:a + x.shape[0]] = t
+        a += x.shape[0]
+    return weight_from_tensors(fmt, full, shape, group_size)
+
+
 def fill_from_checkpoint(model: CausalLM, shards: Shards, dtype, quant, group_size):
     if model.lm_head is None and "lm_head.weight" in shards and "model.embed_tokens.weight" not in shards:
         raise UserError(f"{shards.folder}: tie_word_embeddings is set but the checkpoint has only lm_head.weight")
     # plain reads, a slice of rows at a time: neither the float matrix nor safetensors' whole-file
-    # mapping stays resident (quantize-on-load of the Qwen2.5-0.5B shape: 733 MB peak instead of 1.8 GB)
+    # mapping stays resident
     with CheckpointReader(shards) as reader:
-        for name, module in model.named_modules():
+        for name, module in model.named_modules():           # shapes and types checked before anything is written
             if isinstance(module, (Linear, Embedding)):
                 key = f"{name}.weight"
-                shape = ((module.out_features, module.in_features) if isinstance(module, Linear)
-                         else (module.num_embeddings, module.embedding_dim))
                 path, _, (src_dtype, got, _, _) = reader.entry(key)
-                _check_tensor(path, key, got, src_dtype, shape)
-                try:
-                    module.weight = reader.weight(key, shape, quant, group_size, dtype)
-                except UserError as e:
-                    raise UserError(f"{key}: {e}") from None
+                _check_tensor(path, key, got, src_dtype, _shape(module))
+        if quant is not None:
+            quantize_on_load(model, lambda name, shape: reader.matrix_rows(f"{name}.weight", shape, dtype),
+                             lambda key, p: _read(shards, key, tuple(p.shape)).to(dtype), quant, group_size,
+                             shards.folder)
+            return
+        for name, module in model.named_modules():
+            if isinstance(module, (Linear, Embedding)):
+                module.weight = reader.weight(f"{name}.weight", _shape(module), None, dtype=dtype)
     for name, p in list(model.named_parameters()):
         mod_name, _, attr = name.rpartition(".")
-        mod = model.get_submodule(mod_name)
         t = _read(shards, name, tuple(p.shape)).to(dtype)
-        mod._parameters[attr] = torch.nn.Parameter(t, requires_grad=False)
+        model.get_submodule(mod_name)._parameters[attr] = torch.nn.Parameter(t, requires_grad=False)
 
 
 def _check_tensor(where, key: str, shape, dtype: torch.dtype, expected) -> None:
@@ -278,13 +294,38 @@ class _ShardWriter:
         self.size = 0
         self.total = 0
 
-    def add(self, tensors: dict[str, torch.Tensor]):
-        """Append a group of tensors (one module's), kept in one shard."""
-        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    def add(self, tensors: dict[str, torch.Tensor], layout: dict[str, tuple[tuple, torch.dtype]] | None = None,
+            parts=()):
+        """Append a group of tensors (one module's), kept in one shard: `tensors` whole, and before them
+        the tensors of `layout` ({name: (shape, dtype)}) streamed from `parts`, dicts of consecutive row
+        slices of them, each written to its place as it comes (a row slice in memory, not the tensor)."""
+        layout = layout or {}
+        sizes = {name: math.prod(shape) * dtype.itemsize for name, (shape, dtype) in layout.items()}
+        nbytes = sum(sizes.values()) + sum(t.numel() * t.element_size() for t in tensors.values())
         if self.entries and self.size + nbytes > self.limit:
             self._finish()
         if self.data is None:
             self.data = open(self.folder / f"part-{len(self.done) + 1:05d}.data", "wb")
+        at = {}
+        for name, (shape, dtype) in layout.items():
+            self.entries[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape),
+                                  "data_offsets": [self.size, self.size + sizes[name]]}
+            at[name] = [self.size, self.size + sizes[name]]
+            self.size += sizes[name]
+        for part in parts:
+            for name, t in part.items():
+                b = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+                pos, end = at[name]
+                if t.dtype != layout[name][1] or pos + b.numel() > end:
+                    raise ValueError(f"{name}: a {t.dtype} slice of {b.numel()} bytes does not fit the layout "
+                                     f"{layout[name]} at {pos - self.entries[name]['data_offsets'][0]}")
+                self.data.seek(pos)
+                self.data.write(b.numpy().data)
+                at[name][0] += b.numel()
+        short = [name for name, (pos, end) in at.items() if pos != end]
+        if short:
+            raise ValueError(f"{short}: the row slices ended before the tensors were full")
+        self.data.seek(self.size)
         for name, t in tensors.items():
             t = t.detach().cpu().contiguous()
             n = t.numel() * t.element_size()
@@ -337,6 +378,128 @@ def _write_json(path: Path, obj: dict):
 def _shape(m) -> tuple[int, int]:
     """[out, in] of a base Linear, [rows, dim] of the embedding."""
     return (m.out_features, m.in_features) if hasattr(m, "out_features") else (m.num_embeddings, m.embedding_dim)
+
+
+def stored_modules(model) -> list[tuple[str, torch.nn.Module]]:
+    """The modules whose tensors a converted folder holds, in model order (a block's tensors lie together)."""
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, (Linear, Embedding)) or any(True for _ in m.parameters(recurse=False))]
+
+
+def check_groups(model, quant: str, group_size: int) -> None:
+    """Refuse a group size that some matrix's input dimension is not a multiple of, before anything is written."""
+    if quant not in ("int4", "nf4"):
+        return
+    check_group_size(group_size, quant)
+    for name, m in model.named_modules():
+        if isinstance(m, (Linear, Embedding)) and _shape(m)[1] % group_size:
+            raise UserError(f"{quant}: {name} has input dimension {_shape(m)[1]}, not a multiple of the group size "
+                            f"{group_size}; choose a --group-size that divides it")
+
+
+def _storage(model, quant: str, group_size: int) -> int:
+    """Bytes a converted folder of `model` in `quant` takes (its tensors; headers are small)."""
+    n = 0
+    for _, m in stored_modules(model):
+        if isinstance(m, (Linear, Embedding)):
+            n += sum(math.prod(shape) * dtype.itemsize for shape, dtype in _expected(quant, group_size, _shape(m)).values())
+        n += sum(p.numel() * 4 for p in m.parameters(recurse=False))
+    return n
+
+
+def write_weights(folder: Path, model, matrix_rows, param, quant: str, group_size: int,
+                  shard_bytes: int = SHARD_BYTES, progress=None) -> None:
+    """The tensors of a converted folder, written into `folder` module by module, a row slice at a time.
+
+    Args:
+        model: the model (on the meta device or loaded) that names the modules and their shapes.
+        matrix_rows: matrix_rows(module name, [out, in]) -> iterable of consecutive float row slices of
+            the module's weight; each slice is compressed and written before the next is read.
+        param: param(key, parameter) -> the float tensor to store for that norm or bias.
+        quant, group_size: the format ("int8", "int4", "nf4").
+        progress: called as progress(done, total) after each module.
+    """
+    check_groups(model, quant, group_size)
+    writer = _ShardWriter(folder, shard_bytes)
+    modules = stored_modules(model)
+    for i, (name, m) in enumerate(modules):
+        layout, parts = {}, ()
+        if isinstance(m, (Linear, Embedding)):
+            layout = {f"{name}.{k}": v for k, v in _expected(quant, group_size, _shape(m)).items()}
+            parts = ({f"{name}.{k}": t for k, t in quantize(x, quant, group_size).tensors().items()}
+                     for x in matrix_rows(name, _shape(m)))
+        writer.add({f"{name}.{pn}": param(f"{name}.{pn}", p) for pn, p in m.named_parameters(recurse=False)},
+                   layout, parts)
+        if progress is not None:
+            progress(i + 1, len(modules))
+    writer.close()
+
+
+def quantize_on_load(model, matrix_rows, param, quant: str, group_size: int, source) -> None:
+    """Fill `model` with its weights compressed to `quant` as they are read, file-backed like a converted folder's.
+
+    The compressed tensors are written (`write_weights`) into a temporary folder under the cache
+    ($LCSB_CACHE, default ~/.cache/lcsb), mapped as `fill_from_store` maps an `lcsb convert` folder,
+    and the folder is deleted at once: the mappings keep the files' data until the process ends.
+    The model then costs what a converted folder costs (about one block resident as the engine walks
+    the blocks) instead of the whole compressed model in anonymous memory, and loading peaks at one
+    row slice. Where the cache has no room for the copy or cannot be written, the weights are
+    compressed into RAM instead, with a warning naming the folder. `source` names the model in messages.
+    """
+    check_groups(model, quant, group_size)
+    tmp = _scratch_folder(_storage(model, quant, group_size), source)
+    try:
+        if tmp is None:
+            for name, m in stored_modules(model):
+                if isinstance(m, (Linear, Embedding)):
+                    m.weight = _assemble(matrix_rows(name, _shape(m)), _shape(m), quant, group_size)
+                for pn, p in list(m.named_parameters(recurse=False)):
+                    m._parameters[pn] = torch.nn.Parameter(param(f"{name}.{pn}", p).to(model.dtype),
+                                                           requires_grad=False)
+        else:
+            write_weights(tmp, model, matrix_rows, param, quant, group_size)
+            fill_from_store(model, tmp, {"format": quant, "group_size": group_size})
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)        # mapped files live on until unmapped (POSIX)
+        trim_heap()                                       # the row slices' temporaries, freed
+
+
+SCRATCH_SPARE = 256 << 20        # free space left beside a quantized copy in the cache
+
+
+def _scratch_folder(need: int, source) -> Path | None:
+    """A fresh folder under the cache for a quantized copy of `need` bytes, or None (with a warning) where
+    there is no room or the cache cannot be written. Copies left by killed processes are removed first."""
+    root = native.cache_dir()
+    fallback = "quantizing in memory (the whole compressed model resident); set LCSB_CACHE to a folder with room, " \
+               "or `lcsb convert` the model once and train on the converted folder"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for old in root.glob("quantized-*"):
+            pid = old.name.split("-")[1]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(old, ignore_errors=True)
+        free = shutil.disk_usage(root).free
+        if free < need + SCRATCH_SPARE:
+            warnings.warn(f"{source}: {root} has {free >> 20} MB free, the quantized copy needs {need >> 20} MB "
+                          f"(+{SCRATCH_SPARE >> 20} spare); {fallback}", RuntimeWarning, stacklevel=4)
+            return None
+        return Path(tempfile.mkdtemp(prefix=f"quantized-{os.getpid()}-", dir=root))
+    except OSError as e:
+        warnings.warn(f"{source}: cannot write the quantized copy under {root} ({e}); {fallback}",
+                      RuntimeWarning, stacklevel=4)
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:                                        # someone else's process: alive
+        return True
+    return True
 
 
 

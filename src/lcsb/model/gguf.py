@@ -34,9 +34,8 @@ import torch
 
 from ..atomic import write_atomic
 from ..errors import UserError
-from ..quant.formats import quantize
 from ..quant.ggml import GGMLWeight, tensor_nbytes
-from .checkpoint import _FileBacked
+from .checkpoint import _FileBacked, quantize_on_load
 from .linear import Embedding, Linear
 
 MAGIC = b"GGUF"
@@ -487,11 +486,9 @@ def fill_from_gguf(model, g: GGUFFile, quant: str | None = None, group_size: int
             heads = cfg.num_heads if name.endswith("q_proj") else cfg.num_kv_heads
             order = llama_qk_rows(shape[0], heads)
         w = _mapped(g, key, shape, order)
-        if quant is not None:
-            if not w.is_float:
-                raise UserError(f"{g.path}: --quant {quant} on a model already quantized as {w.type_name} "
-                                f"({key}); drop --quant to train on the file's own weights")
-            w = quantize(w.dequantize(model.dtype), quant, group_size)
+        if quant is not None and not w.is_float:
+            raise UserError(f"{g.path}: --quant {quant} on a model already quantized as {w.type_name} "
+                            f"({key}); drop --quant to train on the file's own weights")
         m.weight = w
     for name, p in list(model.named_parameters()):
         key = names[name]
@@ -510,3 +507,6 @@ def fill_from_gguf(model, g: GGUFFile, quant: str | None = None, group_size: int
             t = t - cfg.norm_offset                 # the file holds 1 + w (llama.cpp's Gemma converter)
         mod_name, _, attr = name.rpartition(".")
         model.get_submodule(mod_name)._parameters[attr] = torch.nn.Parameter(t.to(model.dtype), requires_grad=False)
+    if quant is not None:                       # float matrices compressed, file-backed like a converted folder
+        quantize_on_load(model, lambda name, shape: model.get_submodule(name).weight.row_slices(model.dtype),
+                         lambda key, p: p.detach(), quant, group_size, g.path)

@@ -28,7 +28,7 @@ from ..errors import UserError
 from . import kernels
 
 STATS = {"dequantize": 0}
-CHUNK_ELEMENTS = 1 << 22          # elements quantized at a time (16 MB of float32)
+CHUNK_ELEMENTS = 1 << 20          # elements quantized at a time (4 MB of float32)
 
 # The NF4 code book as published with QLoRA (bitsandbytes' create_normal_map, offset 0.9677).
 NF4_CODE = torch.tensor([
@@ -57,6 +57,14 @@ class Weight:
                   out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows lo:hi as float [hi - lo, in]: a slice of the storage, no gather (the LM head's chunks)."""
         return self._block(lo, hi, dtype, out)
+
+    def row_slices(self, dtype: torch.dtype = torch.float32):
+        """The matrix as consecutive float row slices of about CHUNK_ELEMENTS elements, `release()`d after
+        each: a streamed read that holds neither the float matrix nor the stored one whole (recompressing,
+        converting)."""
+        for rows in _row_chunks(self.shape):
+            yield self._block(rows.start, min(rows.stop, self.shape[0]), dtype, None)
+            self.release()
 
     def _block(self, lo: int, hi: int, dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
