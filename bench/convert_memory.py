@@ -55,6 +55,8 @@ CHILD = {
                                "import warnings; warnings.simplefilter('ignore')\n"
                                "m = lcsb.load_model(SRC, quant='int4', group_size=64)\n" + WALK,
     "load_converted_walk": "m = lcsb.load_model(DST)\n" + WALK,
+    "convert_gguf": "from lcsb.convert import convert\n"
+                    "convert(SRC, DST, quant='int4', group_size=64, overwrite=True)\n",
 }
 PRELUDE = """
 import json, sys, time
@@ -137,10 +139,13 @@ def step_peak(shape: str) -> tuple[float, str] | None:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", nargs="+", default=["qwen2.5-0.5b"], choices=list(SHAPES))
+    ap.add_argument("--shape", nargs="*", default=["qwen2.5-0.5b"], choices=list(SHAPES))
     ap.add_argument("--runs", nargs="+", default=list(CHILD), choices=list(CHILD))
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/lcsb-bench"))
     ap.add_argument("--keep", action="store_true", help="keep the float checkpoints and converted folders")
+    ap.add_argument("--gguf", nargs="*", default=[], type=Path,
+                    help="also convert these GGUF files to int4 folders (`lcsb convert FILE DIR`) and record the peak")
+    ap.add_argument("--label", default="", help="suffix of the GGUF rows' names (e.g. the lcsb on PYTHONPATH)")
     ap.add_argument("--write-checkpoint", nargs=2, default=None, help=argparse.SUPPRESS)   # the child's job
     args = ap.parse_args()
     if args.write_checkpoint is not None:
@@ -152,6 +157,14 @@ def main():
         results = {"shapes": {}}
     results.update(quant="int4", group_size=64, machine={
         "cpus": os.cpu_count(), "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")})
+    for path in args.gguf:
+        dst = args.workdir / f"{path.stem}-int4"
+        r = {k: round(v, 1) if v is not None else v for k, v in run_child("convert_gguf", path, dst).items()}
+        r["loadavg"] = [round(x, 1) for x in os.getloadavg()]
+        results.setdefault("gguf", {})[path.name + (f" ({args.label})" if args.label else "")] = r
+        shutil.rmtree(dst, ignore_errors=True)
+        print(f"{path.name} convert: peak RSS {r['peak_rss_mb']:.0f} MB, {r['cpu_s']:.1f} CPU s", flush=True)
+        OUT.write_text(json.dumps(results, indent=2) + "\n")
     for shape in args.shape:
         src, dst = args.workdir / f"{shape}-bf16", args.workdir / f"{shape}-int4-converted"
         if not (src / "config.json").exists():
