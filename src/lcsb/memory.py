@@ -293,7 +293,8 @@ def estimate_run(cfg, mcfg: ModelConfig, lora: LoraConfig, selection, examples, 
     b = cfg.batch_size
     seq = max((len(e) for e in examples), default=cfg.max_seq_len)
     counted = sum(sorted((e.n_trained for e in examples), reverse=True)[:b])
-    return estimate(mcfg, fmt=fmt, group_size=group, mapped=bool(stored), lora=lora,
+    # quantize-on-load maps its compressed copy like a converted folder (model.checkpoint.quantize_on_load)
+    return estimate(mcfg, fmt=fmt, group_size=group, mapped=bool(stored) or cfg.quant is not None, lora=lora,
                     visited=max_visited(selection, mcfg.num_layers, steps), recompute=cfg.recompute == "on",
                     batch=b, seq=seq, counted=max(1, counted), optimizer=cfg.optimizer, momentum=cfg.momentum,
                     runtime=current_rss() if runtime is None else runtime, malloc_tuned=_malloc_tuned(),
