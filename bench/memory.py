@@ -1,7 +1,7 @@
 """Peak memory of a training step as the model grows: Qwen2.5 0.5B / 1.5B / 3B / 7B and Gemma 3 4B shapes.
 
     python bench/memory.py --shape qwen2.5-0.5b qwen2.5-3b [--rows ours mebp] [--steps 2] [--seq 256]
-                           [--workdir /tmp/lcsb-bench] [--out bench/results/memory_shapes.json]
+                           [--workdir /tmp/lcsb-bench] [--out bench/results/memory_shapes.json] [--threads 1]
 
 For each shape, makes once (cached in --workdir) an `lcsb convert`-format int4 folder (group 64) with
 random weights in the real shape, written module by module: no float matrix larger than a row chunk
@@ -12,14 +12,21 @@ seq 256, batch 1, LoRA on all seven projections. Each row reports:
   - peak RSS: VmHWM of the process (file-backed pages of the mapped weights count while resident);
   - anon: RssAnon at the end of the last step (the resident set that is not the mapped weights);
   - load peak: VmHWM after loading, before the first step;
-  - s/step (wall, median) and CPU s/step (user + system of all threads, median);
+  - s/step (wall, median) and CPU s/step (user + system of all threads, median), with torch's thread
+    count (--threads; default: torch's own) and the machine's load average before and after the row:
+    on a shared 2-core machine wall time follows the load, and with several threads so does CPU time
+    (OpenMP threads spin while they wait); one thread's CPU seconds are the figure to compare;
   - the estimate of `--max-memory` (lcsb.memory.estimate with the row's settings and the measured
-    runtime) and what it is made of, and its error against the measured peak.
+    runtime) and what it is made of, and its error against the measured peak of the whole run: the
+    process's VmHWM after the steps and a checkpoint save (a run saves; bfloat16 factors are converted
+    to float32 for the adapter file).
 Rows (--rows): `ours` = rank 16, AdamW, least-memory settings (--decompress linear --activations
 disk), full and lcsb K=4, with the LoRA state in float32 and in bfloat16 (--lora-dtype); `mebp` =
 MeBP's settings: rank 8, SGD (no momentum), full, float32 and bfloat16; `defaults` = rank 16, AdamW,
 --decompress block --activations ram. MeBP's and MeSP's figures (iPhone 17 Pro, phys_footprint,
-issue 19) are printed beside the shapes they measured. The JSON is rewritten after every row.
+issue 19) are printed beside the shapes they measured. The JSON is rewritten after every row; rows
+already in --out stay unless this run measures the same row again (shape and settings), so shapes and
+rows can be (re)measured a few at a time.
 """
 
 from __future__ import annotations
@@ -152,7 +159,7 @@ def reestimate(path: Path, workdir: Path) -> None:
     for shape, res in results["shapes"].items():
         for r in res["rows"]:
             est = estimate_row(dict(r, folder=str(workdir / f"{shape}-int4")), int(r["runtime_mb"] * 2**20))
-            r.update(estimate_mb=est.total / 2**20, estimate_error=est.total / 2**20 / r["peak_rss_mb"] - 1,
+            r.update(estimate_mb=est.total / 2**20, estimate_error=est.total / 2**20 / r["save_peak_mb"] - 1,
                      estimate_parts_mb={k: round(v / 2**20, 1) for k, v in est.parts.items()})
     write_atomic(path, lambda p: Path(p).write_text(json.dumps(results, indent=2) + "\n"))
     print(table(results))
@@ -171,6 +178,8 @@ def child_row(row: dict) -> dict:
     sys.path.insert(0, str(HERE))
     from workload import parse_method
 
+    if row.get("threads"):
+        torch.set_num_threads(row["threads"])
     tune_malloc()                        # as the lcsb command does
     install_allocator()
     memory.warm_up()
@@ -214,12 +223,12 @@ def child_row(row: dict) -> dict:
         save_file({f"{keys[i]}::{k}": v.contiguous() for i, st in opt.state_dict()["state"].items()
                    for k, v in st.items() if torch.is_tensor(v)}, tmp + "/optimizer.safetensors")
     saved = _status()
-    return dict(row, step_s=statistics.median(times), cpu_s=statistics.median(cpus), loss=loss,
+    return dict(row, threads=torch.get_num_threads(), step_s=statistics.median(times), cpu_s=statistics.median(cpus), loss=loss,
                 step_s_all=times, cpu_s_all=cpus, save_peak_mb=saved["VmHWM"],
                 peak_rss_mb=end["VmHWM"], anon_mb=end["RssAnon"], file_mb=end["RssFile"], load_peak_mb=loaded["VmHWM"],
                 runtime_mb=runtime / memory.MB, estimate_mb=est.total / memory.MB,
                 estimate_parts_mb={k: round(v / memory.MB, 1) for k, v in est.parts.items()},
-                estimate_error=est.total / memory.MB / end["VmHWM"] - 1)
+                estimate_error=est.total / memory.MB / saved["VmHWM"] - 1)   # against the run's peak, save included
 
 
 def child_import() -> dict:
@@ -245,6 +254,10 @@ def child_main(job: dict) -> dict:
     return child_row(job)
 
 
+def same_row(a: dict, b: dict) -> bool:
+    return all(a.get(k) == b.get(k) for k in ("method", "rank", "optimizer", "lora_dtype", "decompress", "activations", "seq"))
+
+
 def label(r: dict) -> str:
     opt = "AdamW" if r["optimizer"] == "adamw" else "SGD"
     m = "full" if r["method"] == "full" else "lcsb K=" + r["method"].split(":")[1]
@@ -255,17 +268,18 @@ def label(r: dict) -> str:
 
 def table(results: dict) -> str:
     lines = ["| shape | row | peak RSS MB | above import | anon MB | load peak MB | with checkpoint save MB | s/step "
-             "| CPU s/step | estimate MB | est. error |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| CPU s/step | threads (load avg.) | estimate MB | est. error |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for shape, res in results["shapes"].items():
         base = results["import_mb"]
         for r in res["rows"]:
             lines.append(f"| {shape} | {label(r)} | {r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] - base:.0f} | "
                          f"{r['anon_mb']:.0f} | {r['load_peak_mb']:.0f} | {r['save_peak_mb']:.0f} | {r['step_s']:.2f} | {r['cpu_s']:.2f} | "
+                         f"{r.get('threads') or '?'}{' (%.1f)' % max(r['load_avg']) if 'load_avg' in r else ''} | "
                          f"{r['estimate_mb']:.0f} | {100 * r['estimate_error']:+.1f}% |")
         for who, figs in (("MeBP", MEBP), ("MeSP", MESP)):
             if shape in figs:
                 mb, s = figs[shape]
-                lines.append(f"| {shape} | {who} (iPhone 17 Pro, r8 SGD) | {mb:.0f} | | | | | {s:.2f} | | | |")
+                lines.append(f"| {shape} | {who} (iPhone 17 Pro, r8 SGD) | {mb:.0f} | | | | | {s:.2f} | | | | |")
     return "\n".join(lines)
 
 
@@ -276,6 +290,9 @@ def main(argv=None):
     ap.add_argument("--only", nargs="*", default=None, help="keep rows whose label contains one of these strings")
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads in each row's process (default: torch's own); 1 gives CPU seconds that "
+                         "do not grow with the load")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/lcsb-bench"))
     ap.add_argument("--out", type=Path, default=HERE / "results" / "memory_shapes.json")
     ap.add_argument("--reestimate", action="store_true",
@@ -290,10 +307,11 @@ def main(argv=None):
     sys.path.insert(0, str(ROOT / "src"))
     from lcsb.atomic import write_atomic
     import platform
-    results = {"workload": dict(seq=args.seq, batch=1, targets="all 7", weights="int4 g64, converted folder, mapped",
-                                steps=args.steps, warmup=1),
-               "machine": dict(cpus=os.cpu_count(), python=platform.python_version(), date=time.strftime("%Y-%m-%d")),
-               "mebp": MEBP, "mesp": MESP, "import_mb": run_child({"import": True})["peak_rss_mb"], "shapes": {}}
+    results = json.loads(args.out.read_text()) if args.out.exists() else {"shapes": {}}
+    results.update({"workload": dict(seq=args.seq, batch=1, targets="all 7", weights="int4 g64, converted folder, mapped",
+                                     warmup=1),
+                    "machine": dict(cpus=os.cpu_count(), python=platform.python_version()),
+                    "mebp": MEBP, "mesp": MESP, "import_mb": run_child({"import": True})["peak_rss_mb"]})
     print(f"bare `import torch, lcsb`: {results['import_mb']:.0f} MB", flush=True)
     for shape in args.shape:
         folder = ensure_model(args.workdir, shape)
@@ -301,14 +319,17 @@ def main(argv=None):
                                                    "rows": []})
         for kind in args.rows:
             for row in ROWS[kind]:
-                row = dict(row, folder=str(folder), seq=args.seq, steps=args.steps)
+                row = dict(row, folder=str(folder), seq=args.seq, steps=args.steps, threads=args.threads)
                 if args.only and not any(s in label(row) for s in args.only):
                     continue
+                load = os.getloadavg()[0]
                 r = run_child(row)
                 r.pop("folder")
-                res["rows"].append(r)
+                r.update(date=time.strftime("%Y-%m-%d %H:%M"), load_avg=[round(load, 2), round(os.getloadavg()[0], 2)])
+                res["rows"] = [x for x in res["rows"] if not same_row(x, r)] + [r]
                 print(f"{shape} {label(r):>45}: peak {r['peak_rss_mb']:.0f} MB (anon {r['anon_mb']:.0f}, load "
-                      f"{r['load_peak_mb']:.0f}), {r['step_s']:.2f} s/step ({r['cpu_s']:.2f} CPU s), estimate "
+                      f"{r['load_peak_mb']:.0f}), {r['step_s']:.2f} s/step ({r['cpu_s']:.2f} CPU s, {r['threads']} "
+                      f"threads, load average {r['load_avg'][0]:.1f}-{r['load_avg'][1]:.1f}), estimate "
                       f"{r['estimate_mb']:.0f} ({100 * r['estimate_error']:+.1f}%)", flush=True)
                 write_atomic(args.out, lambda p: Path(p).write_text(json.dumps(results, indent=2) + "\n"))
     print(table(results))
