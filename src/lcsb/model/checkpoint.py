@@ -15,11 +15,12 @@ format's storage tensors under MLX's names (`<module>.weight`, `.scales`, `.bias
 
 Writing streams. One source tensor is read (in row slices with plain file reads: quantization is
 row-wise, so slicing changes nothing, and unlike safetensors' mapped tensors the pages read do
-not stay in our resident set), compressed and appended to the current shard's data file; a shard
-gets its header when it is full. Nothing but the module being compressed is ever in memory, so the peak
-is set by the largest matrix (the embedding), not by the model. The folder is built under a
-temporary name beside the destination and renamed into place, so a failed conversion leaves
-nothing behind.
+not stay in our resident set), and each slice is compressed and written at its place in the current
+shard's data file (`write_weights`); a shard gets its header when it is full. Nothing but one row
+slice is ever in memory, so the peak depends on neither the model nor its largest matrix. `lcsb
+convert` builds the folder under a temporary name beside the destination and renames it into place,
+so a failed conversion leaves nothing behind; quantize-on-load writes the same folder into a scratch
+folder, maps it and deletes it (`quantize_on_load`).
 
 Reading maps. Each shard is memory-mapped (copy-on-write, so tensors are writable views and
 nothing can reach the file) and its header parsed here; every compressed tensor is a
