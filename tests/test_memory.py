@@ -239,3 +239,24 @@ def test_fit_suggestion_names_the_fewest_settings_that_fit(tiny4):
     rank = fit_suggestion(cfg, wide, lora, sel, examples, 10, est(decompress="linear", activations="disk",
                           lora_dtype="bfloat16", batch_size=1).total - 1, 200 * MB)
     assert rank is not None and rank[0].endswith("--batch-size 1 --rank 8 --alpha 16"), rank
+
+
+def test_quantize_on_load_is_estimated_as_mapped(tiny4):
+    """`--quant` on a float folder maps its compressed copy (model.checkpoint.quantize_on_load): the estimate
+    counts about a block of its weights, as for a converted folder, not the whole compressed model."""
+    from types import SimpleNamespace
+    from lcsb import memory
+    from lcsb.memory import estimate_run
+    wide, _ = load_config(tiny4)
+    cfg = SimpleNamespace(quant="int4", group_size=32, batch_size=1, max_seq_len=64, recompute="on", optimizer="adamw",
+                          momentum=0.0, decompress="block", activations="ram", lora_dtype="float32")
+    examples = [list(range(64))]
+    lora, sel = LoraConfig(8), Selection("full").validate(wide.num_layers)
+    got = estimate_run(cfg, wide, lora, sel, [type("Ex", (list,), {"n_trained": 63})(e) for e in examples], 10,
+                       runtime=200 * MB)
+    common = dict(fmt="int4", group_size=32, lora=lora, visited=wide.num_layers, recompute=True, batch=1, seq=64,
+                  counted=63, optimizer="adamw", momentum=0.0, runtime=200 * MB, malloc_tuned=memory._malloc_tuned(),
+                  decompress="block", activations="ram", caching=memory._caching(), lora_dtype="float32",
+                  trained=wide.num_layers)
+    mapped, resident = estimate(wide, mapped=True, **common), estimate(wide, mapped=False, **common)
+    assert got.parts["base weights"] == mapped.parts["base weights"] < resident.parts["base weights"]
