@@ -122,6 +122,30 @@ def test_float_gguf_llama_qk_rows(tmp_path):
         assert hf.rel_diff(_reference(path)(ids).logits, model(ids)) < TOL
 
 
+def test_row_gathers_read_the_file(tmp_path, monkeypatch):
+    """Embedding and LM head rows of a GGUF file are read with pread (not through the mapping, where a row
+    maps its page-cache folio) and equal the rows of the same bytes in RAM; llama's reordered q rows too."""
+    from lcsb.quant.ggml import GGMLWeight
+    path = _tiny("llama", tmp_path)
+    model = lcsb.load_model(path)
+    calls = []
+    preadv = __import__("os").preadv
+    monkeypatch.setattr("os.preadv", lambda *a: calls.append(1) or preadv(*a))
+    ids = torch.randint(0, hf.BASE["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(7))
+    ids[1, 4] = ids[0, 0]
+    for w in (model.model.embed_tokens.weight, model.head_weight()):
+        assert isinstance(w, _FileBacked)
+        n = len(calls)
+        got = w.rows(ids)
+        assert len(calls) > n
+        assert torch.equal(got, GGMLWeight(w.data.clone(), w.ggml_type, w.shape).rows(ids))
+        assert torch.equal(got, w.dequantize()[ids])
+    q = model.layers[0].self_attn.q_proj.weight                 # rows in llama.cpp's order in the file
+    assert q.order is not None
+    rows = torch.tensor([0, 5, 1, q.shape[0] - 1])
+    assert torch.equal(q.rows(rows), q.dequantize()[rows])
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_lora_gradients_match_peft_on_dequantized_weights(family, tmp_path, seed):
     """Exact LoRA gradients on a quantized GGUF: transformers' GGUF model (gguf-py dequantizes) + PEFT."""

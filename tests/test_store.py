@@ -285,6 +285,101 @@ def test_device_moves_keep_or_drop_file_backing(sources, tmp_path):
     assert type(w) is formats.Int4 and w.scales.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("fmt", FMTS)
+def test_row_gathers_read_the_file_and_equal_the_mapped_rows(sources, tmp_path, monkeypatch, fmt):
+    """Embedding lookups and the LM head's target rows are read with pread; they equal the rows of the same
+    storage held in RAM, for any ids shape, repeats included, and in the compute types."""
+    dst = convert_model(sources["llama"], tmp_path / "conv", quant=fmt, group_size=GROUP)  # llama: untied head
+    model = load_model(dst)
+    calls = []
+    preadv = os.preadv
+    monkeypatch.setattr(os, "preadv", lambda *a: calls.append(1) or preadv(*a))
+    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(2), "little"))
+    for w in (model.model.embed_tokens.weight, model.head_weight()):
+        assert isinstance(w, store._FileBacked)
+        in_ram = formats.weight_from_tensors(w.fmt, {k: v.clone() for k, v in w.tensors().items()}, w.shape,
+                                             w.group_size)
+        ids = torch.randint(0, w.shape[0], (3, 7), generator=g)
+        ids[2, 3] = ids[0, 1]                                   # a repeat
+        for dtype in (torch.float32, torch.bfloat16):
+            n = len(calls)
+            got = w.rows(ids, dtype)
+            assert len(calls) > n                               # read from the file, not through the mapping
+            assert got.shape == (3, 7, w.shape[1]) and got.dtype == dtype
+            assert torch.equal(got, in_ram.rows(ids, dtype))
+        assert torch.equal(w.rows(ids), in_ram.dequantize(torch.float32)[ids])
+
+
+RSS_ROWS_CHILD = textwrap.dedent("""
+    import json, sys
+    import torch
+    from lcsb import load_model
+
+    def rss_file():
+        for line in open("/proc/self/status"):
+            if line.startswith("RssFile:"):
+                return int(line.split()[1]) * 1024
+        raise SystemExit("no RssFile")
+
+    torch.set_num_threads(1)
+    w = load_model(sys.argv[1]).model.embed_tokens.weight
+    g = torch.Generator().manual_seed(1)
+    w.rows(torch.randint(0, w.shape[0], (255,), generator=g))     # warm-up: code pages
+    w.release()
+    growth = {}
+    for how in ("pread", "mapping"):
+        if how == "mapping":
+            w._rows_at = {}                                       # the control: gather through the mapping
+        base = rss_file()
+        w.rows(torch.randint(0, w.shape[0], (255,), generator=g))
+        growth[how] = rss_file() - base
+        w.release()
+    print(json.dumps(growth))
+""")
+
+
+def test_row_gather_does_not_map_the_table(tmp_path):
+    """255 random rows of a 64 MB int8 table: pread adds about their bytes to the resident set. Through the
+    mapping, each row may bring in its whole page-cache folio (tens of MB where the page cache holds large
+    folios, as on kernels with readahead-sized folios); the control shows what this machine does."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("needs Linux /proc/self/status")
+    vocab, hidden = 65536, 1024
+    cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=hidden, intermediate_size=64,
+               num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=8, vocab_size=vocab,
+               tie_word_embeddings=True, rms_norm_eps=1e-5, max_position_embeddings=128, hidden_act="silu",
+               quantization={"format": "int8"})
+    folder = tmp_path / "store"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(cfg))
+    g = torch.Generator().manual_seed(0)
+
+    def int8(prefix, out, inp):
+        return {f"{prefix}.weight": torch.randint(-127, 128, (out, inp), dtype=torch.int8, generator=g),
+                f"{prefix}.scales": torch.full((out,), 1e-3)}
+
+    t = {**int8("model.embed_tokens", vocab, hidden), "model.norm.weight": torch.ones(hidden)}
+    t.update({f"model.layers.0.{n}.weight": torch.ones(hidden) for n in ("input_layernorm", "post_attention_layernorm")})
+    for name, (o, k) in {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (hidden, hidden),
+                         "self_attn.v_proj": (hidden, hidden), "self_attn.o_proj": (hidden, hidden),
+                         "mlp.gate_proj": (64, hidden), "mlp.up_proj": (64, hidden),
+                         "mlp.down_proj": (hidden, 64)}.items():
+        t.update(int8(f"model.layers.0.{name}", o, k))
+    save_file(t, str(folder / "model.safetensors"))
+    with open(folder / "model.safetensors", "rb") as f:      # read it once, as a first load would, into the cache
+        while f.read(1 << 24):
+            pass
+    r = subprocess.run([sys.executable, "-c", RSS_ROWS_CHILD, str(folder)], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)), timeout=300)
+    if r.returncode:
+        if "no RssFile" in r.stderr + r.stdout:
+            pytest.skip("this kernel does not report RssFile")
+        raise AssertionError(r.stderr[-2000:])
+    growth = json.loads(r.stdout.strip().splitlines()[-1])
+    print({k: round(v / 2**20, 2) for k, v in growth.items()}, "MB; rows", round(255 * (hidden + 4) / 2**20, 2), "MB")
+    assert growth["pread"] < 2 << 20, growth            # the rows and the odd code page, never the table
+
+
 def test_quantize_on_load_holds_one_float_tensor_at_a_time(sources, monkeypatch):
     """Quantize-on-load reads row slices with plain reads; at most the previous slice is still
     referenced when the next is read, so the float matrix never exists whole."""

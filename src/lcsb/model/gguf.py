@@ -35,7 +35,7 @@ import torch
 from ..atomic import write_atomic
 from ..errors import UserError
 from ..quant.ggml import GGMLWeight, tensor_nbytes
-from .checkpoint import _FileBacked, quantize_on_load
+from .checkpoint import _Fd, _FileBacked, quantize_on_load, release_pages
 from .linear import Embedding, Linear
 
 MAGIC = b"GGUF"
@@ -90,6 +90,7 @@ class GGUFFile:
     data_start: int = 0
     size: int = 0
     _mm: mmap.mmap | None = None
+    _fd: _Fd | None = None
 
     @property
     def arch(self) -> str:
@@ -105,6 +106,13 @@ class GGUFFile:
             with open(self.path, "rb") as f:
                 self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         return self._mm
+
+    @property
+    def fd(self) -> _Fd:
+        """The file opened for pread (row gathers of mapped weights)."""
+        if self._fd is None:
+            self._fd = _Fd(self.path)
+        return self._fd
 
     def raw(self, name: str) -> torch.Tensor:
         """Tensor `name`'s bytes as a uint8 [rows, row_bytes] view of the mapping (rows = product of ne[1:])."""
@@ -448,7 +456,7 @@ class MappedGGML(_FileBacked, GGMLWeight):
         data = fn(self.data)
         if data.data_ptr() == self.data.data_ptr():         # a no-op move: still the mapped file
             new = MappedGGML(data, self.ggml_type, self.shape, self.where)
-            new._ranges, new.order = self._ranges, self.order
+            new._ranges, new._rows_at, new.order = self._ranges, self._rows_at, self.order
             return new
         # moved elsewhere (another device): a plain weight, its rows in Hugging Face order
         rows = data if self.order is None else data.index_select(0, self.order.to(data.device))
@@ -464,6 +472,7 @@ def _mapped(g: GGUFFile, name: str, shape: tuple[int, int], order: torch.Tensor 
     page = mmap.PAGESIZE
     a, b = info.start // page * page, -(-(info.start + info.nbytes) // page) * page
     w._ranges = ((g.mm, a, b - a),)
+    w._rows_at = {"weight": (g.fd, info.start)}
     w.order = order
     return w
 
@@ -490,6 +499,7 @@ def fill_from_gguf(model, g: GGUFFile, quant: str | None = None, group_size: int
             raise UserError(f"{g.path}: --quant {quant} on a model already quantized as {w.type_name} "
                             f"({key}); drop --quant to train on the file's own weights")
         m.weight = w
+    copied = []
     for name, p in list(model.named_parameters()):
         key = names[name]
         if key not in g.tensors:
@@ -500,6 +510,7 @@ def fill_from_gguf(model, g: GGUFFile, quant: str | None = None, group_size: int
                             f"{list(p.shape)}; the GGUF file is inconsistent")
         t = GGMLWeight(g.raw(key).reshape(1, -1), info.ggml_type, (1, p.numel()),
                        where=f"{g.path}: tensor {key!r}").dequantize(torch.float32).reshape(p.shape)
+        copied.append((g.mm, info.start, info.start + info.nbytes))
         if g.arch == "llama" and key.endswith(("attn_q.bias", "attn_k.bias")):
             heads = cfg.num_heads if "attn_q" in key else cfg.num_kv_heads
             t = t[llama_qk_rows(t.shape[0], heads)]
@@ -507,6 +518,7 @@ def fill_from_gguf(model, g: GGUFFile, quant: str | None = None, group_size: int
             t = t - cfg.norm_offset                 # the file holds 1 + w (llama.cpp's Gemma converter)
         mod_name, _, attr = name.rpartition(".")
         model.get_submodule(mod_name)._parameters[attr] = torch.nn.Parameter(t.to(model.dtype), requires_grad=False)
+    release_pages(copied)                       # copied out: their pages need not stay resident
     if quant is not None:                       # float matrices compressed, file-backed like a converted folder
         quantize_on_load(model, lambda name, shape: model.get_submodule(name).weight.row_slices(model.dtype),
                          lambda key, p: p.detach(), quant, group_size, g.path)

@@ -80,6 +80,11 @@ class Weight:
     def release(self) -> None:
         """Drop whatever the weight keeps resident beyond its storage (file-backed pages); a no-op in RAM."""
 
+    def with_rows(self, tensors: dict[str, torch.Tensor]) -> "Weight":
+        """A weight of this format holding the rows given as storage tensors (the rows a gather read)."""
+        n = next(iter(tensors.values())).shape[0]
+        return weight_from_tensors(self.fmt, tensors, (n, self.shape[1]), self.group_size)
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """Storage tensors by suffix ("weight", "scales", ...), as written to safetensors."""
         raise NotImplementedError

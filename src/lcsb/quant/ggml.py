@@ -310,6 +310,10 @@ class GGMLWeight(Weight):
     def tensors(self):
         return {"weight": self.data}
 
+    def with_rows(self, tensors):
+        data = tensors["weight"]
+        return GGMLWeight(data, self.ggml_type, (data.shape[0], self.shape[1]), where=self.where)
+
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "GGMLWeight":
         return GGMLWeight(fn(self.data), self.ggml_type, self.shape, where=self.where)
 
