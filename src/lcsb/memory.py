@@ -263,11 +263,22 @@ def max_trained(selection, n: int, steps: int) -> int:
 
 
 def warm_up():
-    """Pay now the lazy imports of the first training step, so the measured runtime includes them.
+    """Pay now what the first training step pays once, so the measured runtime includes it: lazy imports,
+    and the pages of torch's libraries that its kernels run from (matmul, attention, softmax, norms, in
+    float32 and bfloat16, forward and backward: 11 MB of file pages here, which a bare autograd call does
+    not touch; tiny shapes reach the same code as real ones, +0.3 MB more at Qwen2.5-0.5B's).
     It asks autograd exactly as the executor's _vjp does: with grad_outputs, autograd.grad would import
     torch.fx's symbolic shapes and sympy (about 40 MB and a second here), which the step never does."""
-    x = torch.zeros(1, requires_grad=True)
-    torch.autograd.grad((x * 2).sum(), [x])      # as the executor's _vjp: no grad_outputs, so no sympy
+    import torch.nn.functional as F
+    for dt in (torch.float32, torch.bfloat16):
+        x = torch.randn(8, 64, dtype=dt, requires_grad=True)
+        w, a = torch.randn(128, 64, dtype=dt), torch.randn(16, 64, dtype=dt, requires_grad=True)
+        q = torch.randn(1, 2, 8, 32, dtype=dt, requires_grad=True)
+        y = F.silu(x @ w.t()) * (x @ w.t()) + (x @ a.t()).sum()
+        norm = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(dt)
+        attn = F.scaled_dot_product_attention(q, q, q, is_causal=True)
+        loss = torch.log_softmax(y.float(), -1).sum() + norm.float().sum() + attn.float().sum()
+        torch.autograd.grad(loss, [x, a, q])      # as the executor's _vjp: no grad_outputs, so no sympy
 
 
 def _malloc_tuned() -> bool:
