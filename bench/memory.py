@@ -182,7 +182,7 @@ def child_row(row: dict) -> dict:
         torch.set_num_threads(row["threads"])
     tune_malloc()                        # as the lcsb command does
     install_allocator()
-    memory.warm_up()
+    memory.warm_up(row["lora_dtype"])
     runtime = memory.current_rss()
     folder = row["folder"]
     mcfg, _ = load_config(folder)

@@ -262,23 +262,25 @@ def max_trained(selection, n: int, steps: int) -> int:
     return max((len(selection.plan(t, n).trained) for t in range(min(steps, 512))), default=0)
 
 
-def warm_up():
+def warm_up(lora_dtype: str = "float32"):
     """Pay now what the first training step pays once, so the measured runtime includes it: lazy imports,
-    and the pages of torch's libraries that its kernels run from (matmul, attention, softmax, norms, in
-    float32 and bfloat16, forward and backward: 11 MB of file pages here, which a bare autograd call does
-    not touch; tiny shapes reach the same code as real ones, +0.3 MB more at Qwen2.5-0.5B's).
+    and the pages of torch's libraries that its kernels run from (matmul, attention, softmax and norms,
+    forward and backward, in float32, the compute type; with bfloat16 LoRA state its casts): 6 MB of file
+    pages here that a bare autograd call does not touch. Tiny shapes reach the same code as real ones
+    (Qwen2.5-0.5B's add 0.3 MB); bfloat16 matmuls would add 5 MB that a float32 step never touches.
     It asks autograd exactly as the executor's _vjp does: with grad_outputs, autograd.grad would import
     torch.fx's symbolic shapes and sympy (about 40 MB and a second here), which the step never does."""
     import torch.nn.functional as F
-    for dt in (torch.float32, torch.bfloat16):
-        x = torch.randn(8, 64, dtype=dt, requires_grad=True)
-        w, a = torch.randn(128, 64, dtype=dt), torch.randn(16, 64, dtype=dt, requires_grad=True)
-        q = torch.randn(1, 2, 8, 32, dtype=dt, requires_grad=True)
-        y = F.silu(x @ w.t()) * (x @ w.t()) + (x @ a.t()).sum()
-        norm = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(dt)
-        attn = F.scaled_dot_product_attention(q, q, q, is_causal=True)
-        loss = torch.log_softmax(y.float(), -1).sum() + norm.float().sum() + attn.float().sum()
-        torch.autograd.grad(loss, [x, a, q])      # as the executor's _vjp: no grad_outputs, so no sympy
+    x = torch.randn(8, 64, requires_grad=True)
+    w, a = torch.randn(128, 64), torch.randn(16, 64, requires_grad=True)
+    if lora_dtype == "bfloat16":
+        a = a.to(torch.bfloat16).float()
+    q = torch.randn(1, 2, 8, 32, requires_grad=True)
+    y = F.silu(x @ w.t()) * (x @ w.t()) + (x @ a.t()).sum()
+    norm = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    attn = F.scaled_dot_product_attention(q, q, q, is_causal=True)
+    loss = torch.log_softmax(y, -1).sum() + norm.sum() + attn.sum()
+    torch.autograd.grad(loss, [x, q])      # as the executor's _vjp: no grad_outputs, so no sympy
 
 
 def _malloc_tuned() -> bool:
@@ -297,7 +299,7 @@ def estimate_run(cfg, mcfg: ModelConfig, lora: LoraConfig, selection, examples, 
     """`estimate` for a TrainConfig and its tokenized training examples; the runtime is this process's
     resident set after `warm_up`, unless given."""
     if runtime is None:
-        warm_up()
+        warm_up(getattr(cfg, "lora_dtype", "float32"))
     stored = mcfg.raw.get("quantization")
     fmt = stored.get("format") if isinstance(stored, dict) else cfg.quant
     group = stored.get("group_size", 64) if isinstance(stored, dict) else cfg.group_size
