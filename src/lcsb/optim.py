@@ -26,6 +26,7 @@ import math
 import torch
 
 from .errors import UserError
+from .runtime import packed
 
 INACTIVE = ("momentum", "frozen", "reset")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -89,12 +90,21 @@ class BlockOptimizer:
                 if self.inactive == "reset" and b not in self.last_trained:
                     for p in params:
                         self.state.pop(p, None)
+                self._fresh_state(params)
                 for p in params:
                     self._update(p, p.grad, self.lr_scales[b])   # a trained block without a gradient steps with zero
             elif self.inactive == "momentum":
+                self._fresh_state(params)
                 for p in params:
                     self._update(p, None, self.lr_scales[b])
         self.last_trained = set(trained)
+
+    def _fresh_state(self, params):
+        """AdamW's zero moments for the parameters of a block that have none yet, each moment of the block in
+        one allocation (runtime.packed: small long-lived tensors made mid-run would fragment glibc's heap)."""
+        new = [p for p in params if p not in self.state] if self.kind == "adamw" else []
+        for p, m, v in zip(new, packed(new), packed(new)):
+            self.state[p] = {"step": 0, "exp_avg": m.zero_(), "exp_avg_sq": v.zero_()}
 
     def _update(self, p, g, scale: float = 1.0):
         lr = self.lr * scale if scale != 1.0 else self.lr

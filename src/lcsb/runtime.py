@@ -117,6 +117,26 @@ def release_cached() -> None:
         _alloc.lcsb_alloc_release()
 
 
+def packed(like, dtype=None) -> list:
+    """Empty tensors shaped like the tensors `like` (of `dtype`, else theirs), sharing one allocation.
+
+    For long-lived tensors made while a step runs: the LoRA factors, gradients and optimizer moments of
+    a small model are mostly under 64 KB (Qwen2.5-0.5B at rank 16 in bfloat16: 28 KB each), so each
+    would go to glibc's heap among the step's short-lived small tensors, and the holes those leave
+    when freed stay resident (21-30 MB measured with bfloat16 state). Their sum is one allocation of
+    its own (a mapping of the caching allocator, or glibc's mmap above its threshold)."""
+    import torch
+    like = list(like)
+    if not like:
+        return []
+    flat = torch.empty(sum(t.numel() for t in like), dtype=dtype or like[0].dtype, device=like[0].device)
+    out, o = [], 0
+    for t in like:
+        out.append(flat[o: o + t.numel()].view(t.shape))
+        o += t.numel()
+    return out
+
+
 def allocator_stats() -> dict | None:
     """Bytes in use / held / cached / peak held by the caching allocator, and its counts of new
     mappings, reuses and unmappings; None where it is not installed."""

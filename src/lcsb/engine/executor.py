@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import UserError
-from ..runtime import limit_cache, release_cached
+from ..runtime import limit_cache, packed, release_cached
 from ..model.core import CausalLM
 from ..model.linear import ROW_CHUNK_BYTES, materialized, output_unused, softcap, vocab_chunks
 from .selection import ROLES, Plan
@@ -326,8 +326,12 @@ def run_step(model: CausalLM, input_ids: torch.Tensor, labels: torch.Tensor, rol
                 grads = _vjp(out, ([x] if need_input_grad else []) + params, g)
         if need_input_grad:
             g, grads = grads[0], grads[1:]
-        for p, gp in zip(params, grads):
-            p.grad = gp if p.grad is None else p.grad.add_(gp)
+        if params and all(p.grad is None for p in params):    # the block's gradients in one allocation
+            for p, gp, buf in zip(params, grads, packed(params)):
+                p.grad = buf.copy_(gp)
+        else:
+            for p, gp in zip(params, grads):
+                p.grad = gp if p.grad is None else p.grad.add_(gp)
         del out, x
     release_cached()
     timings["backward"] = time.perf_counter() - t2
