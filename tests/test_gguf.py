@@ -122,6 +122,20 @@ def test_float_gguf_llama_qk_rows(tmp_path):
         assert hf.rel_diff(_reference(path)(ids).logits, model(ids)) < TOL
 
 
+def test_loading_leaves_no_page_of_the_file_resident(tmp_path):
+    """Norms and biases are read with pread, not through the mapping (whose fault-around would leave 64 KB of
+    the neighbouring matrices resident per small tensor)."""
+    import sys
+    if not sys.platform.startswith("linux"):
+        pytest.skip("needs Linux /proc/self/smaps")
+    from test_store import mapped_rss
+    path = _tiny("qwen2", tmp_path)
+    model = lcsb.load_model(path)
+    assert mapped_rss(path) == 0
+    assert model.model.embed_tokens.weight.dequantize().abs().sum() > 0         # the control touches the mapping
+    assert mapped_rss(path) > 0
+
+
 def test_row_gathers_read_the_file(tmp_path, monkeypatch):
     """Embedding and LM head rows of a GGUF file are read with pread (not through the mapping, where a row
     maps its page-cache folio) and equal the rows of the same bytes in RAM; llama's reordered q rows too."""

@@ -25,6 +25,7 @@ Names and layouts follow llama.cpp's converter (convert_hf_to_gguf.py) in revers
 from __future__ import annotations
 
 import mmap
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ import torch
 from ..atomic import write_atomic
 from ..errors import UserError
 from ..quant.ggml import GGMLWeight, tensor_nbytes
-from .checkpoint import _Fd, _FileBacked, quantize_on_load, release_pages
+from .checkpoint import _Fd, _FileBacked, quantize_on_load
 from .linear import Embedding, Linear
 
 MAGIC = b"GGUF"
@@ -499,7 +500,6 @@ def fill_from_gguf(model, g: GGUFFile, quant: str | None = None, group_size: int
             raise UserError(f"{g.path}: --quant {quant} on a model already quantized as {w.type_name} "
                             f"({key}); drop --quant to train on the file's own weights")
         m.weight = w
-    copied = []
     for name, p in list(model.named_parameters()):
         key = names[name]
         if key not in g.tensors:
@@ -508,9 +508,11 @@ def fill_from_gguf(model, g: GGUFFile, quant: str | None = None, group_size: int
         if info.shape != tuple(p.shape):
             raise UserError(f"{g.path}: tensor {key!r} has shape {list(info.shape)} but the metadata implies "
                             f"{list(p.shape)}; the GGUF file is inconsistent")
-        t = GGMLWeight(g.raw(key).reshape(1, -1), info.ggml_type, (1, p.numel()),
+        # read with pread, not through the mapping: each small tensor would leave its 64 KB fault-around
+        # window of the neighbouring matrices resident
+        raw = g.fd.read(info.start, torch.empty(info.nbytes, dtype=torch.uint8)) if hasattr(os, "preadv") else g.raw(key)
+        t = GGMLWeight(raw.reshape(1, -1), info.ggml_type, (1, p.numel()),
                        where=f"{g.path}: tensor {key!r}").dequantize(torch.float32).reshape(p.shape)
-        copied.append((g.mm, info.start, info.start + info.nbytes))
         if g.arch == "llama" and key.endswith(("attn_q.bias", "attn_k.bias")):
             heads = cfg.num_heads if "attn_q" in key else cfg.num_kv_heads
             t = t[llama_qk_rows(t.shape[0], heads)]
@@ -518,7 +520,6 @@ def fill_from_gguf(model, g: GGUFFile, quant: str | None = None, group_size: int
             t = t - cfg.norm_offset                 # the file holds 1 + w (llama.cpp's Gemma converter)
         mod_name, _, attr = name.rpartition(".")
         model.get_submodule(mod_name)._parameters[attr] = torch.nn.Parameter(t.to(model.dtype), requires_grad=False)
-    release_pages(copied)                       # copied out: their pages need not stay resident
     if quant is not None:                       # float matrices compressed, file-backed like a converted folder
         quantize_on_load(model, lambda name, shape: model.get_submodule(name).weight.row_slices(model.dtype),
                          lambda key, p: p.detach(), quant, group_size, g.path)
