@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 import hf
 from lcsb import UserError, load_model
+from lcsb.config import LoraConfig
 from lcsb.model import materialized
 from lcsb.model.linear import Embedding, Linear
 from lcsb.convert import convert_model
@@ -322,14 +323,21 @@ def mapped_rss(folder) -> int:
     return total
 
 
-def test_loading_leaves_no_page_of_the_files_resident(sources, tmp_path):
+def test_loading_and_steps_leave_no_page_of_the_files_resident(sources, tmp_path):
     """Norms and biases are read with pread: read through the mapping, each left its 64 KB fault-around window
     of the neighbouring weights resident (7.2 MB of Qwen2.5-0.5B's shards after loading)."""
     if not sys.platform.startswith("linux"):
         pytest.skip("needs Linux /proc/self/smaps")
     dst = convert_model(sources["qwen2"], tmp_path / "conv", quant="int8")      # qwen2: q/k/v biases too
-    model = load_model(dst)
+    model = load_model(dst, lora=LoraConfig(4))
     assert mapped_rss(dst) == 0
+    # nor does a step: each weight's release covers the fault-around windows its reads mapped (4 MB of
+    # Qwen2.5-0.5B's neighbouring weights stayed after a step when releases covered the weight's own pages)
+    from lcsb.engine.executor import run_step
+    ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    for decompress in ("linear", "block"):
+        run_step(model, ids, ids, ["train"] * model.config.num_layers, decompress=decompress)
+        assert mapped_rss(dst) == 0, decompress
     name = "model.layers.0.input_layernorm.weight"
     t, _ = store._Store(dst).get(name)
     assert torch.equal(t, dict(model.named_parameters())[name].detach())      # the control touches the mapping

@@ -36,7 +36,7 @@ import torch
 from ..atomic import write_atomic
 from ..errors import UserError
 from ..quant.ggml import GGMLWeight, tensor_nbytes
-from .checkpoint import _Fd, _FileBacked, quantize_on_load
+from .checkpoint import _Fd, _FileBacked, _page_ranges, quantize_on_load
 from .linear import Embedding, Linear
 
 MAGIC = b"GGUF"
@@ -470,9 +470,7 @@ def _mapped(g: GGUFFile, name: str, shape: tuple[int, int], order: torch.Tensor 
         raise UserError(f"{g.path}: tensor {name!r} has shape {list(info.shape)} but the metadata implies "
                         f"{list(shape)}; the GGUF file is inconsistent, convert it again")
     w = MappedGGML(g.raw(name), info.ggml_type, shape, where=f"{g.path}: tensor {name!r}")
-    page = mmap.PAGESIZE
-    a, b = info.start // page * page, -(-(info.start + info.nbytes) // page) * page
-    w._ranges = ((g.mm, a, b - a),)
+    w._ranges = tuple(_page_ranges([(g.mm, info.start, info.start + info.nbytes)]))
     w._rows_at = {"weight": (g.fd, info.start)}
     w.order = order
     return w
