@@ -226,3 +226,18 @@ def test_kv_cache_matches_full_sequence(case, tmp_path):
     # and the full-sequence logits are transformers' (so the cached ones are too)
     with torch.no_grad():
         assert hf.rel_diff(hf.reference(tmp_path)(ids).logits, full) < TOL
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["silu", "gelu_pytorch_tanh", "gelu"])
+def test_gated_activation_gradients_are_autograds_bit_for_bit(name, dtype):
+    """core._GatedAct (act(gate) recomputed in backward, its derivative by the activation's own backward kernel)
+    gives exactly autograd's gradients of act(gate) * up, on transposed views as the MLP passes them."""
+    from lcsb.model.core import ACTIVATIONS, _GatedAct
+    act = ACTIVATIONS[name]
+    g = torch.Generator().manual_seed(int.from_bytes(__import__("os").urandom(2), "little"))
+    gate, up, grad = (torch.randn(96, 40, generator=g).to(dtype).t() * s for s in (3, 1, 1))
+    gate, up = gate.requires_grad_(), up.requires_grad_()
+    got = torch.autograd.grad((_GatedAct.apply(gate, up, act) * grad).sum(), [gate, up])
+    want = torch.autograd.grad((act(gate) * up * grad).sum(), [gate, up])
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
