@@ -293,6 +293,9 @@ def test_sentencepiece_merges_fast_equals_slow():
     score_of = dict(zip(tokens, scores.tolist()))
     want = _merges_from_vocab_slow(list(score_of), np.array(list(score_of.values())))
     assert _merges_from_vocab(tokens, scores) == want
+    assert _merges_from_vocab(tokens, scores, chunk=97) == want       # a block of tokens at a time, as Gemma 3's
+    assert _merges_from_vocab(tokens, -np.arange(len(tokens), dtype=np.float64), chunk=97) == \
+        _merges_from_vocab(tokens, -np.arange(len(tokens), dtype=np.float64))   # already in order (Gemma's)
     # and against transformers' own generate_merges, where available
     try:
         from transformers.tokenization_utils_base import generate_merges

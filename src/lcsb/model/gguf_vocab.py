@@ -359,7 +359,7 @@ def _merges_from_vocab(tokens: list[str], scores: np.ndarray, chunk: int = 1 << 
             kept.append((rows[found], k[found], left[found], right[found]))
         rows, k, left, right = (np.concatenate(x) for x in zip(*kept))
 
-    if not _pieces_match(codes, starts, lens, rows, k, left, right):
+    if not _pieces_match(codes, starts, lens, rows, k, left, right, 2 * chunk):
         return _merges_from_vocab_slow(unique, score)
     if not np.all(np.diff(score) < 0):  # else (Gemma's positions) the splits are in merge order already
         rank = np.lexsort((rows, k - lens[rows], -k, -score[rows]))  # the last key is the primary one
