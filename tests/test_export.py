@@ -250,3 +250,37 @@ def test_errors(tiny4, run_dir, tmp_path, capsys, argv, match):
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith("lcsb: error: ") and match in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_adapter_file_is_safetensors_own_bytes_written_a_tensor_at_a_time(tiny4, tmp_path, monkeypatch, dtype):
+    """save_adapter converts each factor to float32 as it writes it (bfloat16 factors once made a float32 copy of
+    the whole adapter at every checkpoint): the file is byte for byte what safetensors' save_file writes for the
+    float32 tensors, and no more than one factor is converted at a time."""
+    from safetensors.torch import save_file
+    from lcsb.config import LoraConfig
+    from lcsb.lora import save_adapter
+    from lcsb.model import load_model
+    from lcsb.model.lora import set_lora_dtype
+    model = load_model(tiny4, lora=LoraConfig(8, alpha=16))
+    with torch.no_grad():
+        for p in model.lora_parameters().values():
+            p.copy_(torch.randn(p.shape) * 0.1)
+    set_lora_dtype(model, dtype)
+    want = tmp_path / "want.safetensors"
+    save_file({k: p.detach().float() for k, p in model.lora_parameters().items()}, str(want), metadata={"format": "pt"})
+    live, most, to = [0], [0], torch.Tensor.to
+
+    def counting_to(t, *a, **k):              # float32 copies alive at once, while the file is written
+        out = to(t, *a, **k)
+        if out.dtype == torch.float32 and out.data_ptr() != t.data_ptr():
+            live[0] += 1
+            most[0] = max(most[0], live[0])
+            __import__("weakref").finalize(out, lambda: live.__setitem__(0, live[0] - 1))
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "to", counting_to)
+    save_adapter(model, tmp_path / "adapter")
+    monkeypatch.undo()
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes() == want.read_bytes()
+    assert most[0] <= 1
