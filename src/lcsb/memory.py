@@ -13,8 +13,8 @@ What is resident at the step's peak (executor.py's design note says why each exi
   the process's resident set when the estimate is made, after paying the first step's lazy
   imports (`warm_up`); a bare `import torch` alone is ~220 MB on one machine and different on the next.
 - base weights, compressed: all of them when they were loaded into RAM; for a folder made by
-  `lcsb convert` (memory-mapped, pages released after use) only one block and one vocabulary
-  chunk of the LM head.
+  `lcsb convert` (memory-mapped, pages released after use) only one block's (one matrix's with
+  decompress="linear") and one vocabulary chunk of the LM head.
 - the decompression workspace (linear.Workspace, one buffer reused for the whole run): one block's
   float weights (`materialized` decompresses a block once for its forward, and again for its
   recompute and VJP), or with decompress="linear" its largest matrix; at least one vocabulary chunk
@@ -26,18 +26,22 @@ What is resident at the step's peak (executor.py's design note says why each exi
   tensor by tensor in `estimate`, plus the gradient buffers alive at the VJP's widest).
 - the LM head pass: the chunk's logits and exps for the counted tokens, and the hidden state with
   its gradient.
-- LoRA parameters, their gradients and the optimizer's state (AdamW: two moments; SGD: a
-  momentum buffer when momentum > 0).
+- LoRA parameters, their gradients (of the blocks trained in the step only) and the optimizer's state
+  (AdamW: two moments; SGD: a momentum buffer when momentum > 0).
 - allocator slack: glibc keeps freed memory for reuse up to a trim threshold it raises to twice
   the largest block freed (at most 64 MB), unless the process fixed its thresholds; lcsb's caching
   allocator keeps a phase's freed blocks until the phase ends: one largest temporary.
 The step's peak is what persists plus the larger of the backward's and the head's transients;
-quantize-on-load has its own peak, and the estimate is the larger of the two.
+quantize-on-load has its own peak, and the estimate is the larger of the two (writing a checkpoint
+holds one LoRA factor's float32 copy at a time, nothing that counts).
 
-Sizes are binary: 1 MB = 2**20 bytes, the unit the run's log reports peak RSS in. On a wide test
-model (tests/test_memory.py) the estimate came within 5-17% below the peak RSS measured by real
-runs (float32, int8, int4, converted; recompute on and off); what it misses is mostly heap
-fragmentation, which depends on the order of allocations, not on the shapes.
+Sizes are binary: 1 MB = 2**20 bytes, the unit the run's log reports peak RSS in. Against the peak
+RSS that bench/memory.py measures in the real shapes of Qwen2.5 0.5B-7B and Gemma 3 4B (full and
+lcsb, float32 and bfloat16 state, AdamW and SGD; bench/results/memory_shapes.json, checked by
+tests/test_memory.py) it is within 10% on every row. What its parts do not count (a few MB of library
+pages the first step touches beyond `warm_up`, glibc heap the small tensors leave behind, 10 MB with
+bfloat16 state on the 0.5B shape, the caching allocator's blocks of a phase beyond its largest one) is
+one measured term, UNCOUNTED.
 """
 
 from __future__ import annotations
@@ -60,6 +64,11 @@ MB = 1 << 20
 _UNITS = {"": MB, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": MB, "mb": MB, "mib": MB,
           "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40}
 F32 = 4
+# What the parts below do not count, measured on bench/memory.py's shapes (Qwen2.5 0.5B-7B, Gemma 3 4B): glibc
+# heap the small tensors leave behind, library pages the first step touches beyond warm_up, the caching
+# allocator's freed blocks of a phase beyond its largest. Without it the estimate was 2-7% under every row,
+# 13-25 MB on the Qwen shapes and 39-42 on Gemma 3 4B.
+UNCOUNTED = 16 * (1 << 20)
 
 
 def parse_size(value, option: str = "--max-memory") -> int:
@@ -175,15 +184,22 @@ def estimate(mcfg: ModelConfig, *, fmt: str | None, group_size: int, mapped: boo
     head = table if mcfg.tie_word_embeddings else _weight_bytes(fmt, V, H, group_size, "lm_head.weight",
                                                                 bits.get("head", 0))
     small = F32 * (L * (6 * H + dq + 2 * dkv + 2 * mcfg.head_dim) + H)      # norms and biases, kept float
-    c = min(V, vocab_chunk or VOCAB_CHUNK)
-    if mapped:   # file-backed: pages are released after each block and each vocabulary chunk of the head
-        base = block_packed + head * c // V + small
+    # one matrix at a time (decompress="linear", or recompute off with every block visited: no block is
+    # materialized), or a block's weights at once
+    by_linear = decompress == "linear" or (not recompute and visited == L)
+    # the head's vocabulary chunk: VOCAB_CHUNK rows, or by linear no more than a matrix's row chunk (executor.run_step)
+    c = min(V, vocab_chunk or (max(256, ROW_CHUNK_BYTES // (H * F32)) if by_linear else VOCAB_CHUNK))
+    if mapped:   # file-backed: a Linear releases its pages after it runs (by linear), a materialized block
+        # when it is done, the head after each chunk (measured, Qwen2.5-7B by linear: RssFile at the step's
+        # peak is one MLP matrix, 41 MB, above its level between blocks, not a block's 131 MB)
+        one = (max(_weight_bytes(fmt, o, i, group_size, f"model.layers.0.*.{n}.weight", bits.get("block", 0))
+                   for n, (i, o) in linears.items()) if by_linear else block_packed)
+        base = one + head * c // V + small
     else:
         base = L * block_packed + table + (0 if mcfg.tie_word_embeddings else head) + small
     dense = fmt is None or fmt == "dense"
-    # the decompression workspace: a block's float weights, or one matrix at a time (decompress="linear",
-    # or recompute off with every block visited: no block is materialized); the head's chunks use it too
-    by_linear = decompress == "linear" or (not recompute and visited == L)
+    # the decompression workspace: a block's float weights, or by linear one row chunk of a matrix; the
+    # head's chunks use it too
     # (core.streamed_linear decompresses a matrix ROW_CHUNK_BYTES of rows at a time: 4 MB, not the 86 MB of
     # Qwen2.5-3B's MLP matrix; the estimate counted the whole matrix and came 9% over at 3B)
     block_float = 0 if dense else F32 * (max(min(o, max(1, ROW_CHUNK_BYTES // (i * F32))) * i
@@ -201,6 +217,8 @@ def estimate(mcfg: ModelConfig, *, fmt: str | None, group_size: int, mapped: boo
     kv_saved = 2 * (dq if rep > 1 else dkv)
     saved = 3 * H + 2 * dq + kv_saved + mcfg.num_heads + 2 + 3 * I + 7 * lora.rank
     extra_norms = 2 * H if mcfg.norm_offset else 0       # Gemma's pre/post feed-forward norms
+    if mcfg.qk_norm:                                     # Qwen3's and Gemma 3's q/k norms: their inputs and scales
+        extra_norms += dq + dkv + mcfg.num_heads + mcfg.num_kv_heads
     saved += extra_norms
     grads_alive = 2 * I + 2 * H                          # the VJP's gradient buffers at its widest
     scores = 0
@@ -224,9 +242,8 @@ def estimate(mcfg: ModelConfig, *, fmt: str | None, group_size: int, mapped: boo
     nbytes = {"float32": F32, "bfloat16": 2}[lora_dtype]
     trained = visited if trained is None else trained    # a block not trained this step has no gradient buffer
     lora_bytes = nbytes * (n_lora * (1 + states) + per_block * trained)
-    # saving a checkpoint: safetensors (0.4 on) writes from the tensors' own memory; only the adapter of
-    # bfloat16 factors is converted to float32 first (lora.save_adapter)
-    checkpoint_write = 0 if lora_dtype == "float32" else F32 * n_lora
+    # saving a checkpoint, after the step, adds nothing that counts: safetensors (0.4 on) writes from the
+    # tensors' own memory, and lora.save_adapter converts bfloat16 factors to float32 one at a time
 
     # glibc keeps freed memory for reuse up to its trim threshold, which it raises to twice the largest
     # block freed so far (at most 2 x 32 MB): the resident set runs that much above the live tensors
@@ -237,13 +254,14 @@ def estimate(mcfg: ModelConfig, *, fmt: str | None, group_size: int, mapped: boo
         slack = max(slack, largest)
 
     persistent = runtime + base + lora_bytes + checkpoints + 2 * tokens * H * F32   # + h and g between blocks
-    step = persistent + block_float + max(activations, lm_head, checkpoint_write)
+    step = persistent + block_float + max(activations, lm_head)
     # quantize-on-load: a row slice of the matrix being compressed, cast and quantized (three copies)
     load = runtime + base + (0 if dense or mapped else 3 * F32 * min(CHUNK_ELEMENTS, V * H))
     parts = {"runtime": runtime, "base weights": base, "block float weights": block_float,
              "block inputs" if recompute else "saved graphs": checkpoints, "block activations": activations,
              "LM head pass": lm_head, "LoRA + optimizer": lora_bytes, "allocator slack": slack}
-    return MemoryEstimate(int(max(step, load) + slack), {k: int(v) for k, v in parts.items()})
+    parts["heap, library pages"] = UNCOUNTED
+    return MemoryEstimate(int(max(step, load) + slack + UNCOUNTED), {k: int(v) for k, v in parts.items()})
 
 
 def max_visited(selection, n: int, steps: int) -> int:
