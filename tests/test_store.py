@@ -344,7 +344,7 @@ def test_loading_and_steps_leave_no_page_of_the_files_resident(sources, tmp_path
     assert mapped_rss(dst) > 0
 
 
-RSS_ROWS_CHILD = textwrap.dedent("""
+RSS_PRELUDE = textwrap.dedent("""
     import json, sys
     import torch
     from lcsb import load_model
@@ -356,6 +356,58 @@ RSS_ROWS_CHILD = textwrap.dedent("""
         raise SystemExit("no RssFile")
 
     torch.set_num_threads(1)
+""")
+
+
+def int8_store(folder: Path, hidden: int, inter: int, layers: int, vocab: int, shard_per_block=False) -> dict:
+    """An int8 converted store written directly (no float model), random weights, llama names; one shard, or
+    the embedding and each block in its own. Returns the block's matrix shapes {name: (out, in)}."""
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=hidden, intermediate_size=inter,
+        num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=8, vocab_size=vocab,
+        tie_word_embeddings=True, rms_norm_eps=1e-5, max_position_embeddings=128, hidden_act="silu",
+        quantization={"format": "int8"})))
+    g = torch.Generator().manual_seed(0)
+    shapes = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (hidden, hidden),
+              "self_attn.v_proj": (hidden, hidden), "self_attn.o_proj": (hidden, hidden),
+              "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden), "mlp.down_proj": (hidden, inter)}
+
+    def int8(prefix, out, inp):
+        return {f"{prefix}.weight": torch.randint(-127, 128, (out, inp), dtype=torch.int8, generator=g),
+                f"{prefix}.scales": torch.full((out,), 1e-3)}
+
+    shards = {"embed.safetensors": {**int8("model.embed_tokens", vocab, hidden), "model.norm.weight": torch.ones(hidden)}}
+    for i in range(layers):
+        t = {f"model.layers.{i}.{n}.weight": torch.ones(hidden) for n in ("input_layernorm", "post_attention_layernorm")}
+        for name, (o, k) in shapes.items():
+            t.update(int8(f"model.layers.{i}.{name}", o, k))
+        shards[f"layer{i}.safetensors"] = t
+    if not shard_per_block:
+        shards = {"model.safetensors": {k: v for t in shards.values() for k, v in t.items()}}
+    for name, t in shards.items():
+        save_file(t, str(folder / name))
+        with open(folder / name, "rb") as f:      # read once, as a first load would, into the page cache
+            while f.read(1 << 24):
+                pass
+    if shard_per_block:
+        (folder / "model.safetensors.index.json").write_text(json.dumps(
+            {"weight_map": {k: name for name, t in shards.items() for k in t}}))
+    return shapes
+
+
+def rss_child(script: str, folder: Path) -> dict:
+    """Run `script` (after RSS_PRELUDE) on `folder` in a fresh process; its last line of output, as JSON."""
+    r = subprocess.run([sys.executable, "-c", RSS_PRELUDE + script, str(folder)], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)), timeout=300)
+    if r.returncode:
+        if "no RssFile" in r.stderr + r.stdout:
+            pytest.skip("this kernel does not report RssFile")
+        raise AssertionError(r.stderr[-2000:])
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+RSS_ROWS_CHILD = textwrap.dedent("""
     w = load_model(sys.argv[1]).model.embed_tokens.weight
     g = torch.Generator().manual_seed(1)
     w.rows(torch.randint(0, w.shape[0], (255,), generator=g))     # warm-up: code pages
@@ -379,37 +431,8 @@ def test_row_gather_does_not_map_the_table(tmp_path):
     if not sys.platform.startswith("linux"):
         pytest.skip("needs Linux /proc/self/status")
     vocab, hidden = 65536, 1024
-    cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=hidden, intermediate_size=64,
-               num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=8, vocab_size=vocab,
-               tie_word_embeddings=True, rms_norm_eps=1e-5, max_position_embeddings=128, hidden_act="silu",
-               quantization={"format": "int8"})
-    folder = tmp_path / "store"
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(cfg))
-    g = torch.Generator().manual_seed(0)
-
-    def int8(prefix, out, inp):
-        return {f"{prefix}.weight": torch.randint(-127, 128, (out, inp), dtype=torch.int8, generator=g),
-                f"{prefix}.scales": torch.full((out,), 1e-3)}
-
-    t = {**int8("model.embed_tokens", vocab, hidden), "model.norm.weight": torch.ones(hidden)}
-    t.update({f"model.layers.0.{n}.weight": torch.ones(hidden) for n in ("input_layernorm", "post_attention_layernorm")})
-    for name, (o, k) in {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (hidden, hidden),
-                         "self_attn.v_proj": (hidden, hidden), "self_attn.o_proj": (hidden, hidden),
-                         "mlp.gate_proj": (64, hidden), "mlp.up_proj": (64, hidden),
-                         "mlp.down_proj": (hidden, 64)}.items():
-        t.update(int8(f"model.layers.0.{name}", o, k))
-    save_file(t, str(folder / "model.safetensors"))
-    with open(folder / "model.safetensors", "rb") as f:      # read it once, as a first load would, into the cache
-        while f.read(1 << 24):
-            pass
-    r = subprocess.run([sys.executable, "-c", RSS_ROWS_CHILD, str(folder)], capture_output=True, text=True,
-                       env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)), timeout=300)
-    if r.returncode:
-        if "no RssFile" in r.stderr + r.stdout:
-            pytest.skip("this kernel does not report RssFile")
-        raise AssertionError(r.stderr[-2000:])
-    growth = json.loads(r.stdout.strip().splitlines()[-1])
+    int8_store(tmp_path / "store", hidden, 64, 1, vocab)
+    growth = rss_child(RSS_ROWS_CHILD, tmp_path / "store")
     print({k: round(v / 2**20, 2) for k, v in growth.items()}, "MB; rows", round(255 * (hidden + 4) / 2**20, 2), "MB")
     assert growth["pread"] < 2 << 20, growth            # the rows and the odd code page, never the table
 
@@ -435,19 +458,9 @@ def test_quantize_on_load_holds_one_float_tensor_at_a_time(sources, monkeypatch)
 
 
 RSS_CHILD = textwrap.dedent("""
-    import json, sys
-    import torch
-    from lcsb import load_model
     from lcsb.model import materialized
     from lcsb.model import checkpoint as store
 
-    def rss_file():
-        for line in open("/proc/self/status"):
-            if line.startswith("RssFile:"):
-                return int(line.split()[1]) * 1024
-        raise SystemExit("no RssFile")
-
-    torch.set_num_threads(1)
     model = load_model(sys.argv[1])
 
     def walk():
@@ -471,47 +484,12 @@ RSS_CHILD = textwrap.dedent("""
 def test_rss_stays_near_one_block(tmp_path):
     if not sys.platform.startswith("linux") or not hasattr(mmap, "MADV_DONTNEED"):
         pytest.skip("needs Linux /proc/self/status and madvise(MADV_DONTNEED)")
-    # an int8 store written directly (no float model): 6 blocks of ~12.6 MB
-    hidden, inter, layers = 1024, 2816, 6
-    cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=hidden, intermediate_size=inter,
-               num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=8, vocab_size=256,
-               tie_word_embeddings=True, rms_norm_eps=1e-5, max_position_embeddings=128, hidden_act="silu",
-               quantization={"format": "int8"})
-    folder = tmp_path / "store"
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(cfg))
-    g = torch.Generator().manual_seed(0)
-    shapes = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (hidden, hidden),
-              "self_attn.v_proj": (hidden, hidden), "self_attn.o_proj": (hidden, hidden),
-              "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden), "mlp.down_proj": (hidden, inter)}
-    weight_map = {}
-
-    def put(name, tensors):
-        save_file(tensors, str(folder / name))
-        weight_map.update({k: name for k in tensors})
-
-    def int8(prefix, out, inp):
-        return {f"{prefix}.weight": torch.randint(-127, 128, (out, inp), dtype=torch.int8, generator=g),
-                f"{prefix}.scales": torch.full((out,), 1e-3)}
-
-    put("embed.safetensors", {**int8("model.embed_tokens", 256, hidden), "model.norm.weight": torch.ones(hidden)})
-    for i in range(layers):
-        t = {f"model.layers.{i}.{n}.weight": torch.ones(hidden) for n in ("input_layernorm", "post_attention_layernorm")}
-        for name, (o, k) in shapes.items():
-            t.update(int8(f"model.layers.{i}.{name}", o, k))
-        put(f"layer{i}.safetensors", t)
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    # 6 blocks of ~12.6 MB, each in its own shard
+    layers = 6
+    shapes = int8_store(tmp_path / "store", 1024, 2816, layers, 256, shard_per_block=True)
     block = sum(o * k for o, k in shapes.values())
     model_bytes = layers * block
-
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    r = subprocess.run([sys.executable, "-c", RSS_CHILD, str(folder)], capture_output=True, text=True,
-                       env=env, timeout=300)
-    if r.returncode:
-        if "no RssFile" in r.stderr + r.stdout:
-            pytest.skip("this kernel does not report RssFile")
-        raise AssertionError(r.stderr)
-    out = json.loads(r.stdout.strip().splitlines()[-1])
+    out = rss_child(RSS_CHILD, tmp_path / "store")
     print({k: [v >> 20 for v in vs] for k, vs in out.items()}, "MB; block", block >> 20, "MB")
     released, kept = out["released"], out["kept"]
     # the control must see the whole model resident, or this platform does not count mapped pages
