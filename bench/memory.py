@@ -23,7 +23,8 @@ seq 256, batch 1, LoRA on all seven projections. Each row reports:
 Rows (--rows): `ours` = rank 16, AdamW, least-memory settings (--decompress linear --activations
 disk), full and lcsb K=4, with the LoRA state in float32 and in bfloat16 (--lora-dtype); `mebp` =
 MeBP's settings: rank 8, SGD (no momentum), full, float32 and bfloat16; `defaults` = rank 16, AdamW,
---decompress block --activations ram. MeBP's and MeSP's figures (iPhone 17 Pro, phys_footprint,
+--decompress block --activations ram; `fused` = `ours`' full rows with the optimizer step fused into the
+backward (what `lcsb train --clip 0` does: a block's gradients are dropped once it is updated). MeBP's and MeSP's figures (iPhone 17 Pro, phys_footprint,
 issue 19) are printed beside the shapes they measured. The JSON is rewritten after every row; rows
 already in --out stay unless this run measures the same row again (shape and settings), so shapes and
 rows can be (re)measured a few at a time.
@@ -73,6 +74,9 @@ ROWS = {
     "mebp": [dict(method="full", rank=8, optimizer="sgd", lora_dtype=d, **LEAST) for d in ("float32", "bfloat16")],
     "defaults": [dict(method=m, rank=16, optimizer="adamw", lora_dtype="float32", decompress="block", activations="ram")
                  for m in ("full", "lcsb:4")],
+    # the optimizer step fused into the backward (what `lcsb train --clip 0` does: optim.fuses_step)
+    "fused": [dict(method="full", rank=16, optimizer="adamw", lora_dtype=d, fused=True, **LEAST)
+              for d in ("float32", "bfloat16")],
 }
 
 
@@ -149,7 +153,7 @@ def estimate_row(row: dict, runtime: int):
                            seq=row["seq"], counted=row["seq"] - 1, optimizer=row["optimizer"], momentum=0.0,
                            runtime=runtime, malloc_tuned=True, decompress=row["decompress"],
                            activations=row["activations"], caching=True, lora_dtype=row["lora_dtype"],
-                           trained=memory.max_trained(sel, mcfg.num_layers, 512))
+                           trained=memory.max_trained(sel, mcfg.num_layers, 512), fused_step=row.get("fused", False))
 
 
 def reestimate(path: Path, workdir: Path) -> None:
@@ -205,8 +209,17 @@ def child_row(row: dict) -> dict:
     for t in range(1 + row["steps"]):
         roles = sel.roles(t, n)
         w0, c0 = time.perf_counter(), time.process_time()
-        res = run_step(model, ids, ids, roles, row["activations"], decompress=row["decompress"])
-        opt.step({i for i, r in enumerate(roles) if r == "train"})
+        trained, done = {i for i, r in enumerate(roles) if r == "train"}, set()
+
+        def fused(i):                    # as the trainer's with --clip 0: update the block, drop its gradients
+            opt.step_block(i, trained)
+            done.add(i)
+            for p in model.model.layers[i].parameters():
+                p.grad = None
+
+        res = run_step(model, ids, ids, roles, row["activations"], decompress=row["decompress"],
+                       after_block=fused if row.get("fused") else None)
+        opt.step(trained, done)
         opt.zero_grad()
         if t:
             times.append(time.perf_counter() - w0)
@@ -255,7 +268,8 @@ def child_main(job: dict) -> dict:
 
 
 def same_row(a: dict, b: dict) -> bool:
-    return all(a.get(k) == b.get(k) for k in ("method", "rank", "optimizer", "lora_dtype", "decompress", "activations", "seq"))
+    return all(a.get(k) == b.get(k) for k in ("method", "rank", "optimizer", "lora_dtype", "decompress", "activations", "seq",
+                                               "fused"))
 
 
 def label(r: dict) -> str:
@@ -263,7 +277,8 @@ def label(r: dict) -> str:
     m = "full" if r["method"] == "full" else "lcsb K=" + r["method"].split(":")[1]
     state = "bf16" if r["lora_dtype"] == "bfloat16" else "fp32"
     least = r["decompress"] == "linear" and r["activations"] == "disk"
-    return f"{m}, r{r['rank']} {opt}, {state} state" + ("" if least else f", {r['decompress']}/{r['activations']}")
+    return (f"{m}, r{r['rank']} {opt}, {state} state" + ("" if least else f", {r['decompress']}/{r['activations']}")
+            + (", step fused (--clip 0)" if r.get("fused") else ""))
 
 
 def table(results: dict) -> str:

@@ -242,9 +242,11 @@ def test_fit_suggestion_names_the_fewest_settings_that_fit(tiny4):
     assert fit_suggestion(cfg, wide, lora, sel, examples, 10, 201 * MB, 200 * MB) is None
     with pytest.raises(UserError, match="lower --max-seq-len"):
         check_budget(est(), 201 * MB, suggestion=None)
+    clip = est(decompress="linear", activations="disk", lora_dtype="bfloat16", clip=0.0).total   # the step fused
+    assert clip < three
     rank = fit_suggestion(cfg, wide, lora, sel, examples, 10, est(decompress="linear", activations="disk",
-                          lora_dtype="bfloat16", batch_size=1).total - 1, 200 * MB)
-    assert rank is not None and rank[0].endswith("--batch-size 1 --rank 8 --alpha 16"), rank
+                          lora_dtype="bfloat16", clip=0.0, batch_size=1).total - 1, 200 * MB)
+    assert rank is not None and rank[0].endswith("--clip 0 --batch-size 1 --rank 8 --alpha 16"), rank
 
 
 def test_quantize_on_load_is_estimated_as_mapped(tiny4):
@@ -290,3 +292,33 @@ def test_estimate_is_within_ten_percent_of_every_measured_row(tmp_path):
             errors[f"{shape} {bench.label(r)}"] = est / r["save_peak_mb"] - 1
     assert len(errors) >= 20
     assert all(abs(e) < 0.10 for e in errors.values()), {k: f"{100 * e:+.1f}%" for k, e in errors.items()}
+
+
+def test_fused_step_holds_one_blocks_gradients(tiny4):
+    """With the optimizer step fused into the backward (the trainer's after_block), the most gradient bytes alive
+    at once, counted at every block's update, are one block's: what the estimate counts for fused_step."""
+    from lcsb.engine.executor import block_lora_params, run_step
+    from lcsb.optim import BlockOptimizer, fuses_step
+    cfg, _ = load_config(tiny4)
+    n = cfg.num_layers
+    model = load_model(tiny4, lora=LoraConfig(8))
+    blocks = [block_lora_params(b) for b in model.model.layers]
+    opt = BlockOptimizer(blocks, lr=1e-3)
+    params = list(model.lora_parameters().values())
+    most = [0]
+
+    def after_block(i):
+        most[0] = max(most[0], sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None))
+        opt.step_block(i, set(range(n)))
+        for p in blocks[i]:
+            p.grad = None
+
+    ids = torch.randint(0, cfg.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    run_step(model, ids, ids, ["train"] * n, after_block=after_block)
+    common = dict(fmt=None, group_size=64, mapped=False, lora=LoraConfig(8), visited=n, recompute=True, batch=1, seq=16,
+                  counted=15, optimizer="adamw", momentum=0.0, runtime=0)
+    one_block = estimate(cfg, **common, fused_step=True).parts["LoRA + optimizer"] - 3 * sum(p.numel() * 4 for p in params)
+    assert most[0] == one_block == sum(p.numel() * 4 for p in blocks[0])
+    assert estimate(cfg, **common).parts["LoRA + optimizer"] - 3 * sum(p.numel() * 4 for p in params) == n * one_block
+    assert fuses_step(0.0, 1, 1, False) and not fuses_step(1.0, 1, 1, False) and not fuses_step(0.0, 2, 1, False)
+    assert not fuses_step(0.0, 1, 2, False) and not fuses_step(0.0, 1, 1, True)

@@ -58,6 +58,7 @@ import torch
 from .config import LoraConfig, ModelConfig
 from .errors import UserError
 from .model.linear import ROW_CHUNK_BYTES, VOCAB_CHUNK
+from .optim import fuses_step
 from .quant.formats import CHUNK_ELEMENTS, quantize
 
 MB = 1 << 20
@@ -149,7 +150,7 @@ def estimate(mcfg: ModelConfig, *, fmt: str | None, group_size: int, mapped: boo
              momentum: float, runtime: int, vocab_chunk: int | None = None,
              malloc_tuned: bool = False, decompress: str = "block", activations: str = "ram",
              caching: bool = False, weight_bits: dict | None = None, lora_dtype: str = "float32",
-             trained: int | None = None) -> MemoryEstimate:
+             trained: int | None = None, fused_step: bool = False) -> MemoryEstimate:
     """Peak resident bytes of a training run (see the design note).
 
     Args:
@@ -170,6 +171,8 @@ def estimate(mcfg: ModelConfig, *, fmt: str | None, group_size: int, mapped: boo
         lora_dtype: "float32" or "bfloat16": the type of the LoRA factors, their gradients and the
             optimizer's state (model.lora.set_lora_dtype).
         trained: the most blocks trained in one step (default: visited); only they hold gradients.
+        fused_step: the optimizer steps each block inside the backward (optim.fuses_step): one block's
+            gradients exist at a time.
     """
     L, H, V, I = mcfg.num_layers, mcfg.hidden_size, mcfg.vocab_size, mcfg.intermediate_size
     dq, dkv = mcfg.num_heads * mcfg.head_dim, mcfg.num_kv_heads * mcfg.head_dim
@@ -241,7 +244,7 @@ def estimate(mcfg: ModelConfig, *, fmt: str | None, group_size: int, mapped: boo
     states = 2 if optimizer == "adamw" else (1 if momentum else 0)
     nbytes = {"float32": F32, "bfloat16": 2}[lora_dtype]
     trained = visited if trained is None else trained    # a block not trained this step has no gradient buffer
-    lora_bytes = nbytes * (n_lora * (1 + states) + per_block * trained)
+    lora_bytes = nbytes * (n_lora * (1 + states) + per_block * (min(trained, 1) if fused_step else trained))
     # saving a checkpoint, after the step, adds nothing that counts: safetensors (0.4 on) writes from the
     # tensors' own memory, and lora.save_adapter converts bfloat16 factors to float32 one at a time
 
@@ -313,9 +316,9 @@ def _caching() -> bool:
 
 
 def estimate_run(cfg, mcfg: ModelConfig, lora: LoraConfig, selection, examples, steps: int,
-                 runtime: int | None = None) -> MemoryEstimate:
-    """`estimate` for a TrainConfig and its tokenized training examples; the runtime is this process's
-    resident set after `warm_up`, unless given."""
+                 runtime: int | None = None, world: int = 1) -> MemoryEstimate:
+    """`estimate` for a TrainConfig and its tokenized training examples (`world` processes); the runtime is
+    this process's resident set after `warm_up`, unless given."""
     if runtime is None:
         warm_up(getattr(cfg, "lora_dtype", "float32"))
     stored = mcfg.raw.get("quantization")
@@ -332,18 +335,21 @@ def estimate_run(cfg, mcfg: ModelConfig, lora: LoraConfig, selection, examples, 
                     decompress=cfg.decompress, activations=cfg.activations, caching=_caching(),
                     weight_bits=stored.get("bits_per_weight") if isinstance(stored, dict) else None,
                     lora_dtype=getattr(cfg, "lora_dtype", "float32"),
-                    trained=max_trained(selection, mcfg.num_layers, steps))
+                    trained=max_trained(selection, mcfg.num_layers, steps),
+                    fused_step=fuses_step(getattr(cfg, "clip", 1.0), getattr(cfg, "grad_accum", 1), world,
+                                          getattr(cfg, "skip_nonfinite", False)))
 
 
 # settings that lower the peak, cheapest in what they change first: the same gradients (recompute,
-# decompression, checkpoints on disk), then nearly the same training (bfloat16 LoRA state), then a different one
+# decompression, checkpoints on disk), then nearly the same training (bfloat16 LoRA state; no gradient
+# clipping, which lets the optimizer step run inside the backward: optim.fuses_step), then a different one
 _FIT_LADDER = (("recompute", "on", "--recompute on"), ("decompress", "linear", "--decompress linear"),
                ("activations", "disk", "--activations disk"), ("lora_dtype", "bfloat16", "--lora-dtype bfloat16"),
-               ("batch_size", 1, "--batch-size 1"))
+               ("clip", 0.0, "--clip 0"), ("batch_size", 1, "--batch-size 1"))
 
 
 def fit_suggestion(cfg, mcfg: ModelConfig, lora: LoraConfig, selection, examples, steps: int, limit: int,
-                   runtime: int) -> tuple[str, MemoryEstimate] | None:
+                   runtime: int, world: int = 1) -> tuple[str, MemoryEstimate] | None:
     """The fewest flags, taken in `_FIT_LADDER`'s order and then halving --rank (down to 4), under which
     `estimate_run` fits `limit` bytes: (flags, their estimate), or None when even all of them do not fit.
     `cfg` is only read (a TrainConfig or anything with its fields); `runtime` as measured for the run."""
@@ -353,14 +359,16 @@ def fit_suggestion(cfg, mcfg: ModelConfig, lora: LoraConfig, selection, examples
             continue
         changes[key] = value
         flags.append(flag)
-        est = estimate_run(SimpleNamespace(**{**vars(cfg), **changes}), mcfg, lora, selection, examples, steps, runtime)
+        est = estimate_run(SimpleNamespace(**{**vars(cfg), **changes}), mcfg, lora, selection, examples, steps, runtime,
+                           world)
         if est.total <= limit:
             return " ".join(flags), est
     rank = lora.rank
     while rank > 4:
         rank //= 2
         small = replace(lora, rank=rank, alpha=lora.alpha * rank / lora.rank)    # the same scaling alpha / r
-        est = estimate_run(SimpleNamespace(**{**vars(cfg), **changes}), mcfg, small, selection, examples, steps, runtime)
+        est = estimate_run(SimpleNamespace(**{**vars(cfg), **changes}), mcfg, small, selection, examples, steps, runtime,
+                           world)
         if est.total <= limit:
             return " ".join([*flags, f"--rank {rank} --alpha {small.alpha:g}"]), est
     return None

@@ -41,7 +41,7 @@ from .memory import check_budget, estimate_run, fit_suggestion, parse_size, peak
 from .model import load_config
 from .model.lora import set_lora_dtype
 from .model.tokenizer import load_tokenizer
-from .optim import BlockOptimizer, clip_grad_norm, schedule_factor
+from .optim import BlockOptimizer, clip_grad_norm, fuses_step, schedule_factor
 from .runstate import (Position, as_oserror, latest_checkpoint, load_checkpoint, save_checkpoint,
                        write_text)
 from .settings import Settings, resolve
@@ -150,13 +150,14 @@ def _train(settings: Settings, ddp, console, closing: contextlib.ExitStack) -> T
     mcfg, selection, lora = _setup_shape(cfg)
     tok, splits, train_set = _setup_data(cfg, ddp, say)
     # the step's peak memory, from shapes and the longest batch, before a single weight is loaded
-    estimate = estimate_run(cfg, mcfg, lora, selection, train_set, cfg.steps or 512)
+    estimate = estimate_run(cfg, mcfg, lora, selection, train_set, cfg.steps or 512, world=ddp.size)
     say(estimate.line())
     if cfg.max_memory is not None:
         limit = parse_size(cfg.max_memory)
         if estimate.total > limit:      # name the flags that would make it fit
             check_budget(estimate, limit, suggestion=fit_suggestion(cfg, mcfg, lora, selection, train_set,
-                                                                    cfg.steps or 512, limit, estimate.parts["runtime"]))
+                                                                    cfg.steps or 512, limit, estimate.parts["runtime"],
+                                                                    ddp.size))
     model, blocks, opt = _setup_model(cfg, lora, selection, say)
     n = model.config.num_layers
     micro_per_epoch = math.ceil(len(train_set) / (cfg.batch_size * ddp.size))   # global micro-batches
@@ -198,6 +199,8 @@ def _train(settings: Settings, ddp, console, closing: contextlib.ExitStack) -> T
                              f"the previous checkpoint is intact: {last_ckpt or 'none written yet'}; free space or "
                              f"fix the folder, then continue with `lcsb train --resume {run}`") from None
 
+    # the optimizer step inside the backward, a block at a time, where that gives the same update
+    fused = fuses_step(cfg.clip, cfg.grad_accum, ddp.size, cfg.skip_nonfinite)
     with _Interrupt() as stop:
         while pos.step < total:
             t0 = time.perf_counter()
@@ -206,25 +209,32 @@ def _train(settings: Settings, ddp, console, closing: contextlib.ExitStack) -> T
             opt.set_lr_factor(schedule_factor(cfg.schedule, pos.step, total, cfg.warmup))
             ddp.seed_step(cfg.seed, pos.step)
             loss_sum, tokens, counted = 0.0, 0, 0
+            done, norms = set(), {}          # blocks updated inside the backward (fused), their gradient norms
             for _ in range(cfg.grad_accum):
                 ids, labels = batches.next()
                 if ids is None:      # this rank's share of an epoch's short last global batch is empty
                     continue
                 # loss_scale = the micro-batch's counted tokens: .grad sums per-token gradients, and
                 # reduce_step divides by the count over all micro-batches and ranks (a token-weighted mean)
-                res = run_step(model, ids, labels, plan, cfg.activations,
-                               loss_scale=distributed.counted_tokens(labels), recompute=cfg.recompute == "on",
-                               decompress=cfg.decompress)
+                scale = distributed.counted_tokens(labels)
+                res = run_step(model, ids, labels, plan, cfg.activations, loss_scale=scale,
+                               recompute=cfg.recompute == "on", decompress=cfg.decompress,
+                               after_block=_fused_step(opt, blocks, trained, scale, done, norms, pos.step, last_ckpt)
+                               if fused else None)
                 loss_sum += res.loss * res.tokens
                 counted += res.tokens
                 tokens += int(ids.numel())
             # only the trained blocks' gradients are all-reduced; a signal on any rank stops every rank
             totals = ddp.reduce_step(blocks, trained, loss_sum, counted, tokens, stop)
             loss_sum, tokens = totals.loss, totals.tokens
-            gnorm = clip_grad_norm(opt.params, cfg.clip)
+            if fused:        # the norm clip_grad_norm would log, from the blocks' own, in block order
+                each = [n for b in sorted(norms) for n in norms[b]]
+                gnorm = float(torch.linalg.vector_norm(torch.stack(each))) if each else 0.0
+            else:
+                gnorm = clip_grad_norm(opt.params, cfg.clip)
             finite = math.isfinite(loss_sum) and math.isfinite(gnorm)
             if finite:
-                opt.step(trained)
+                opt.step(trained, done)
             elif cfg.skip_nonfinite:
                 stats["skipped_nonfinite"] += 1
             else:
@@ -269,6 +279,30 @@ def _train(settings: Settings, ddp, console, closing: contextlib.ExitStack) -> T
             console.show_preview(tok, preview, before, _answers(model, tok, preview),
                                  "base" if not cfg.adapter else "before")
     return TrainResult(run, pos.step, history[-1][1] if history else None, eval_result, interrupted)
+
+
+def _fused_step(opt: BlockOptimizer, blocks, trained: set[int], counted: int, done: set[int], norms: dict,
+                step: int, last_ckpt):
+    """run_step's `after_block` for the optimizer step fused into the backward (optim.fuses_step): block i's
+    summed gradients become the step's mean, as reduce_step makes them for one process, their norms are kept
+    for the log, and the block is updated and its gradients dropped before the blocks below run their VJP."""
+    if counted == 0:
+        raise UserError("a step has no tokens to learn from (every label is -100); check the loss masking")
+
+    def after_block(i: int):
+        params = [p for p in blocks[i] if p.grad is not None]
+        for p in params:
+            p.grad.div_(float(counted))
+        norms[i] = [torch.linalg.vector_norm(p.grad) for p in params]
+        if not all(bool(torch.isfinite(n)) for n in norms[i]):
+            raise NonFiniteError(f"non-finite gradient at step {step + 1}; last good checkpoint: "
+                                 f"{last_ckpt or 'none yet'} (lower --lr, or pass --skip-nonfinite)")
+        opt.step_block(i, trained)
+        done.add(i)
+        for p in blocks[i]:
+            p.grad = None
+
+    return after_block
 
 
 # ---------------------------------------------------------------- setup steps

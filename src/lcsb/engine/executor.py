@@ -218,7 +218,8 @@ def _vjp(out: torch.Tensor, inputs: list[torch.Tensor], g: torch.Tensor):
 
 
 def run_step(model: CausalLM, input_ids: torch.Tensor, labels: torch.Tensor, roles, activations: str = "ram",
-             loss_scale: float = 1.0, recompute: bool = True, decompress: str = "block") -> StepResult:
+             loss_scale: float = 1.0, recompute: bool = True, decompress: str = "block",
+             after_block=None) -> StepResult:
     """One forward and selective backward. LoRA gradients of `train` blocks are *accumulated* into
     `.grad` (scaled by loss_scale, for gradient accumulation); returns the unscaled mean loss.
     `roles`: the step's `selection.Plan`, or a list of one role per block.
@@ -232,7 +233,11 @@ def run_step(model: CausalLM, input_ids: torch.Tensor, labels: torch.Tensor, rol
     recompute and VJP together (one block's float weights resident); "linear" decompresses one
     Linear at a time when it runs, and again in the VJP: the largest matrix is resident instead of
     the block (43 MB less on Qwen2.5-0.5B) for one more decompression per visited Linear. Below
-    STREAM_TOKENS tokens (batch x seq) "block" runs as "linear" (faster there: `streams`)."""
+    STREAM_TOKENS tokens (batch x seq) "block" runs as "linear" (faster there: `streams`).
+
+    after_block(i), when given, is called once block i's LoRA gradients are complete (its VJP done),
+    before the blocks below it run theirs: an optimizer step fused into the backward, which may
+    update the block's parameters and drop its gradients (the blocks below never read them)."""
     if decompress not in DECOMPRESS:
         raise UserError(f"decompress must be one of {', '.join(DECOMPRESS)}, got {decompress!r}")
     pad = _sequence_padding(model, input_ids.shape[1])
@@ -332,7 +337,9 @@ def run_step(model: CausalLM, input_ids: torch.Tensor, labels: torch.Tensor, rol
         else:
             for p, gp in zip(params, grads):
                 p.grad = gp if p.grad is None else p.grad.add_(gp)
-        del out, x
+        del out, x, grads
+        if params and after_block is not None:
+            after_block(i)
     release_cached()
     timings["backward"] = time.perf_counter() - t2
     timings["decompress"] = ws.seconds - ws_seconds
