@@ -324,7 +324,9 @@ class TrainConfig:
     epochs: float = _opt(1.0, "passes over the training set when --steps is not given", positive, on_resume=APPLY)
     batch_size: int = _opt(1, "sequences per micro-batch", positive)
     grad_accum: int = _opt(1, "micro-batches per optimizer step", positive)
-    clip: float = _opt(1.0, "clip the global gradient norm (0: off)", non_negative)
+    clip: float = _opt(1.0, "clip the global gradient norm (0: off, and then, without --grad-accum, the optimizer "
+                            "steps each block inside the backward: one block's gradients in memory, the same update)",
+                       non_negative)
     # data (DESIGN section 6)
     max_seq_len: int = _opt(None, "truncate longer records to this many tokens (default: 2048 or the model's context)",
                             positive)
