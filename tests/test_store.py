@@ -349,12 +349,13 @@ RSS_PRELUDE = textwrap.dedent("""
     import torch
     from lcsb import load_model
 
-    def rss_file():
+    def rss(field="RssFile"):
         for line in open("/proc/self/status"):
-            if line.startswith("RssFile:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
-        raise SystemExit("no RssFile")
+        raise SystemExit(f"no {field}")
 
+    rss_file = rss
     torch.set_num_threads(1)
 """)
 
@@ -396,13 +397,14 @@ def int8_store(folder: Path, hidden: int, inter: int, layers: int, vocab: int, s
     return shapes
 
 
-def rss_child(script: str, folder: Path) -> dict:
-    """Run `script` (after RSS_PRELUDE) on `folder` in a fresh process; its last line of output, as JSON."""
+def rss_child(script: str, folder: Path, **env) -> dict:
+    """Run `script` (after RSS_PRELUDE) on `folder` in a fresh process with `env` added; its last line of output,
+    as JSON."""
     r = subprocess.run([sys.executable, "-c", RSS_PRELUDE + script, str(folder)], capture_output=True, text=True,
-                       env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)), timeout=300)
+                       env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), **env), timeout=300)
     if r.returncode:
-        if "no RssFile" in r.stderr + r.stdout:
-            pytest.skip("this kernel does not report RssFile")
+        if "no Rss" in r.stderr + r.stdout:
+            pytest.skip("this kernel does not report RssFile / RssAnon")
         raise AssertionError(r.stderr[-2000:])
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -581,20 +583,9 @@ def test_streamed_shard_writer_refuses_slices_that_do_not_fill_the_layout(tmp_pa
 
 
 ANON_CHILD = textwrap.dedent("""
-    import json, sys
-    import torch
-    from lcsb import load_model
-
-    def anon():
-        for line in open("/proc/self/status"):
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-        raise SystemExit("no RssAnon")
-
-    torch.set_num_threads(1)
-    base = anon()
+    base = rss("RssAnon")
     model = load_model(sys.argv[1], quant="int8")
-    print(json.dumps({"anon": anon() - base}))
+    print(json.dumps({"anon": rss("RssAnon") - base}))
 """)
 
 
@@ -607,11 +598,7 @@ def test_quantize_on_load_does_not_hold_the_compressed_model_in_anonymous_memory
     compressed = 4 * (4 * 1024 * 1024 + 3 * 1024 * 2816)                # int8: a byte per weight of the blocks
 
     def child(**env):
-        r = subprocess.run([sys.executable, "-c", ANON_CHILD, str(src)], capture_output=True, text=True, timeout=300,
-                           env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), **env))
-        if r.returncode:
-            raise AssertionError(r.stderr[-2000:])
-        return json.loads(r.stdout.strip().splitlines()[-1])["anon"]
+        return rss_child(ANON_CHILD, src, **env)["anon"]
 
     mapped = child(LCSB_CACHE=str(tmp_path / "cache"))
     in_ram = child(LCSB_CACHE=str(src / "config.json" / "cache"))     # the control: no scratch folder possible

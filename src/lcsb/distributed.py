@@ -55,6 +55,8 @@ from .errors import UserError
 
 STOP_SIGNAL = signal.SIGTERM    # what a rank that got no signal itself reports when another one did
 
+NO_TOKENS = "a step has no tokens to learn from (every label is -100); check the loss masking"
+
 
 class ReplicaMismatch(UserError):
     """The ranks' LoRA parameters differ: the data-parallel invariant is broken, the run stops."""
@@ -107,7 +109,7 @@ class World:
         params = [p for b in sorted(trained) for p in blocks[b]]
         if self.size == 1:
             if counted == 0:
-                raise UserError("a step has no tokens to learn from (every label is -100); check the loss masking")
+                raise UserError(NO_TOKENS)
             for p in params:
                 if p.grad is not None:
                     p.grad.div_(float(counted))

@@ -181,8 +181,9 @@ def estimate(mcfg: ModelConfig, *, fmt: str | None, group_size: int, mapped: boo
 
     # base weights
     bits = weight_bits or {}
-    block_packed = sum(_weight_bytes(fmt, o, i, group_size, f"model.layers.0.*.{n}.weight", bits.get("block", 0))
-                       for n, (i, o) in linears.items())
+    packed = [_weight_bytes(fmt, o, i, group_size, f"model.layers.0.*.{n}.weight", bits.get("block", 0))
+              for n, (i, o) in linears.items()]
+    block_packed = sum(packed)
     table = _weight_bytes(fmt, V, H, group_size, "model.embed_tokens.weight", bits.get("embed", 0))
     head = table if mcfg.tie_word_embeddings else _weight_bytes(fmt, V, H, group_size, "lm_head.weight",
                                                                 bits.get("head", 0))
@@ -195,8 +196,7 @@ def estimate(mcfg: ModelConfig, *, fmt: str | None, group_size: int, mapped: boo
     if mapped:   # file-backed: a Linear releases its pages after it runs (by linear), a materialized block
         # when it is done, the head after each chunk (measured, Qwen2.5-7B by linear: RssFile at the step's
         # peak is one MLP matrix, 41 MB, above its level between blocks, not a block's 131 MB)
-        one = (max(_weight_bytes(fmt, o, i, group_size, f"model.layers.0.*.{n}.weight", bits.get("block", 0))
-                   for n, (i, o) in linears.items()) if by_linear else block_packed)
+        one = max(packed) if by_linear else block_packed
         base = one + head * c // V + small
     else:
         base = L * block_packed + table + (0 if mcfg.tie_word_embeddings else head) + small

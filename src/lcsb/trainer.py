@@ -238,9 +238,7 @@ def _train(settings: Settings, ddp, console, closing: contextlib.ExitStack) -> T
             elif cfg.skip_nonfinite:
                 stats["skipped_nonfinite"] += 1
             else:
-                raise NonFiniteError(
-                    f"non-finite {'loss' if not math.isfinite(loss_sum) else 'gradient'} at step {pos.step + 1}; "
-                    f"last good checkpoint: {last_ckpt or 'none yet'} (lower --lr, or pass --skip-nonfinite)")
+                raise _nonfinite("loss" if not math.isfinite(loss_sum) else "gradient", pos.step, last_ckpt)
             opt.zero_grad()
             pos.step, pos.epoch, pos.batch = pos.step + 1, batches.epoch, batches.batch
             dt = time.perf_counter() - t0
@@ -281,13 +279,18 @@ def _train(settings: Settings, ddp, console, closing: contextlib.ExitStack) -> T
     return TrainResult(run, pos.step, history[-1][1] if history else None, eval_result, interrupted)
 
 
+def _nonfinite(what: str, step: int, last_ckpt) -> NonFiniteError:
+    return NonFiniteError(f"non-finite {what} at step {step + 1}; last good checkpoint: {last_ckpt or 'none yet'} "
+                          "(lower --lr, or pass --skip-nonfinite)")
+
+
 def _fused_step(opt: BlockOptimizer, blocks, trained: set[int], counted: int, done: set[int], norms: dict,
                 step: int, last_ckpt):
     """run_step's `after_block` for the optimizer step fused into the backward (optim.fuses_step): block i's
     summed gradients become the step's mean, as reduce_step makes them for one process, their norms are kept
     for the log, and the block is updated and its gradients dropped before the blocks below run their VJP."""
     if counted == 0:
-        raise UserError("a step has no tokens to learn from (every label is -100); check the loss masking")
+        raise UserError(distributed.NO_TOKENS)
 
     def after_block(i: int):
         params = [p for p in blocks[i] if p.grad is not None]
@@ -295,8 +298,7 @@ def _fused_step(opt: BlockOptimizer, blocks, trained: set[int], counted: int, do
             p.grad.div_(float(counted))
         norms[i] = [torch.linalg.vector_norm(p.grad) for p in params]
         if not all(bool(torch.isfinite(n)) for n in norms[i]):
-            raise NonFiniteError(f"non-finite gradient at step {step + 1}; last good checkpoint: "
-                                 f"{last_ckpt or 'none yet'} (lower --lr, or pass --skip-nonfinite)")
+            raise _nonfinite("gradient", step, last_ckpt)
         opt.step_block(i, trained)
         done.add(i)
         for p in blocks[i]:

@@ -619,8 +619,7 @@ class _FileBacked:
         pread copies the rows' bytes alone. The rows are then decompressed as the format does."""
         tensors = self.tensors()
         flat = ids.reshape(-1)
-        if (not self._rows_at or set(tensors) != set(self._rows_at) or not hasattr(os, "preadv")
-                or flat.numel() == 0 or any(not t.is_contiguous() or t.dim() == 0 for t in tensors.values())):
+        if not self._rows_at or not hasattr(os, "preadv") or flat.numel() == 0:
             return super().rows(ids, dtype)
         want, inverse = torch.unique(flat.cpu(), return_inverse=True)
         picked = {}
@@ -770,4 +769,4 @@ def fill_from_store(model, folder: str | Path, stored: dict):
         f = store.where[name]
         own = f.fd.read(f.entries[name][2], torch.empty(t.shape, dtype=t.dtype)) if hasattr(os, "preadv") else t
         model.get_submodule(mod_name)._parameters[attr] = torch.nn.Parameter(
-            own.to(model.dtype, copy=True), requires_grad=False)
+            own.to(model.dtype, copy=own is t), requires_grad=False)
